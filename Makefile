@@ -1,0 +1,47 @@
+# retro-transfer: `make demo` runs the main job, `make test` the test suite.
+# Both set up .venv first (once: the second `make setup` is a no-op).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The tested pair; they install from local files on the project's machines.
+# Bring your own build with `make setup TORCH=` (empty: keep what is installed).
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DATA ?= data/shapes
+STAMP := $(VENV)/.retro-transfer-setup
+SETUP_INPUTS := Makefile setup.py tools/install_detectron2.py retro_transfer/compat/mmcv_ops.py
+
+.PHONY: help setup demo test clean-data
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make setup   create $(VENV) and install everything (torch, timm, Detectron2, MMSeg)"
+	@echo "make demo    the main job on generated shapes data (in $(DATA))"
+	@echo "make test    the test suite (CPU)"
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "setuptools<81" wheel
+	$(if $(strip $(TORCH)),$(PIP) install -q $(TORCH))
+	$(PIP) install -q -e ".[all]"
+	$(PY) tools/install_detectron2.py
+	$(PY) -m retro_transfer.compat.mmcv_ops --install-pth
+	$(PY) -c "import detectron2, mmseg.models, retro_transfer, distill" 2>/dev/null \
+		|| { echo "set-up finished but the core imports fail; run: $(PY) -c 'import detectron2, mmseg.models'"; exit 1; }
+	@touch $@
+	@echo "set-up complete: $(VENV)"
+
+demo: setup $(DATA)/shapes.json
+	@echo "shapes data set ready in $(DATA) (VOC layout: $(DATA)/VOC2007, ImageFolder: $(DATA)/classification, unlabeled: $(DATA)/unlabeled)"
+
+$(DATA)/shapes.json:
+	$(PY) tools/make_shapes.py --out $(DATA)
+
+test: setup
+	$(PY) -m pytest
+
+clean-data:
+	rm -rf $(DATA)

@@ -1,0 +1,1 @@
+"""Compatibility shims for optional dependencies that do not install cleanly everywhere."""
