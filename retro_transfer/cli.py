@@ -18,3 +18,16 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def keep_tools_dir_off_path(script: str) -> None:
+    """Let a script in ``tools/`` import the ``distill`` package.
+
+    Python puts a script's folder first on ``sys.path``, and ``tools/distill.py``
+    would then shadow the ``distill`` package for every tool. Call this with
+    ``__file__`` before importing ``distill``.
+    """
+    from pathlib import Path
+
+    here = Path(script).resolve().parent
+    sys.path[:] = [p for p in sys.path if p == "" or Path(p).resolve() != here]

@@ -1,0 +1,117 @@
+"""Unlabeled images, MoCo v2 augmentation, and a sampler that can resume mid-epoch exactly."""
+
+import hashlib
+from pathlib import Path
+from typing import Iterator, List, Sequence, Tuple
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def list_images(root) -> List[Path]:
+    """Images directly in ``root`` (a flat folder) or one level down (ImageNet's ``train/<wnid>/``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    for sub in root.iterdir():
+        if sub.is_dir():
+            files.extend(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root} or its sub-folders")
+    return sorted(files)
+
+
+def moco_v2_augmentation(image_size: int, min_scale: float = 0.2) -> T.Compose:
+    """MoCo v2's augmentation (Chen et al., 2020, "Improved baselines", section 3).
+
+    The blur kernel is ~10% of the image side, as in SimCLR, so that small
+    test images are blurred in proportion.
+    """
+    kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class MultiViewImages(Dataset):
+    """``views`` augmentations of each image, drawn from a seed fixed by (seed, epoch, index).
+
+    Seeding per sample makes the augmented batch of a step independent of the
+    number of processes and data-loader workers, and of whether the run was
+    interrupted: a resumed run sees exactly the pixels the uninterrupted one did.
+    Keys are ``(index, epoch)`` pairs, as :class:`StepBatchSampler` yields.
+    """
+
+    def __init__(self, files: Sequence[Path], transform, views: int = 2, seed: int = 0) -> None:
+        self.files, self.transform, self.views, self.seed = list(files), transform, views, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, ...]:
+        index, epoch = key
+        with Image.open(self.files[index]) as image:
+            image = image.convert("RGB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            return tuple(self.transform(image) for _ in range(self.views))
+
+
+class StepBatchSampler(Sampler):
+    """This process's share of each global batch, step by step, from ``start_step``.
+
+    Epoch e is a permutation of the data set drawn from (seed, e); step s of
+    an epoch is the s-th slice of ``global_batch`` indices (the incomplete last
+    slice is dropped), and process r takes the r-th contiguous part of it, so
+    gathering the parts in rank order rebuilds the one-process batch.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, start_step: int, max_steps: int):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size {global_batch} must be divisible by the number of processes {world_size}")
+        if num_samples < global_batch:
+            raise ValueError(
+                f"the data set has {num_samples} images, fewer than one batch of {global_batch}; "
+                "lower train.batch_size or add images"
+            )
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.start_step, self.max_steps = start_step, max_steps
+        self.steps_per_epoch = num_samples // global_batch
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        local = self.global_batch // self.world_size
+        perm, perm_epoch = None, None
+        for step in range(self.start_step, self.max_steps):
+            epoch, within = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = self._permutation(epoch), epoch
+            batch = perm[within * self.global_batch : (within + 1) * self.global_batch]
+            mine = batch[self.rank * local : (self.rank + 1) * local]
+            yield [(int(i), epoch) for i in mine]
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)

@@ -1,0 +1,11 @@
+"""The distillation methods, one class each, behind one interface (``DistillMethod``)."""
+
+from .base import DistillMethod
+from .disco import DisCo
+from .moco_v2 import MoCoV2
+from .retro import Retro
+from .seed import SEED
+
+METHODS = {cls.name: cls for cls in (MoCoV2, SEED, DisCo, Retro)}
+
+__all__ = ["DistillMethod", "MoCoV2", "SEED", "DisCo", "Retro", "METHODS"]

@@ -1,0 +1,65 @@
+"""DisCo: MoCo v2 on the student plus consistency with the teacher's embeddings."""
+
+from typing import Dict
+
+import torch
+
+from retro_transfer.models import ProjectionHead, Student, Teacher
+
+from ..distributed import batch_shuffle, batch_unshuffle
+from ..ema import ema_update, make_mean_copy
+from ..losses import consistency_mse, info_nce
+from ..queue import EmbeddingQueue
+from .base import DistillMethod, pooled, unit
+
+
+class DisCo(DistillMethod):
+    """Gao et al., 2022 (ECCV), section 3.
+
+        q = n(H_S(S(x1))),  q2 = n(H_S(S(x2))),  k = n(H_S'(S'(x2))),  t_i = n(H_T(T(x_i)))
+        L = InfoNCE(q, k) + w * (MSE(t1, q) + MSE(t2, q2))
+
+    H_S is wide (hidden 2048 by default): the paper's fix for the distilling
+    bottleneck.
+    """
+
+    name = "disco"
+
+    def __init__(
+        self,
+        student: Student,
+        teacher: Teacher,
+        head_hidden: int = 2048,
+        dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        mse_reduction: str = "batch_mean",
+        consistency_weight: float = 1.0,
+        teacher_bn_train: bool = False,
+    ) -> None:
+        super().__init__(student, teacher, teacher_bn_train)
+        self.head = ProjectionHead(student.out_channels, head_hidden, dim)
+        self.student_ema = make_mean_copy(student)
+        self.head_ema = make_mean_copy(self.head)
+        self.queue = EmbeddingQueue(queue_size, dim)
+        self.temperature, self.momentum = temperature, momentum
+        self.mse_reduction, self.consistency_weight = mse_reduction, consistency_weight
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return unit(self.head(pooled(self.student(x))))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
+        t1, t2 = self.teacher_embeddings(x1, x2)
+        q, q2 = self.embed(x1), self.embed(x2)
+        with torch.no_grad():
+            ema_update(self.student_ema, self.student, self.momentum)
+            ema_update(self.head_ema, self.head, self.momentum)
+            shuffled, undo = batch_shuffle(x2)
+            k = batch_unshuffle(unit(self.head_ema(pooled(self.student_ema(shuffled)))), undo)
+        contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
+        mse1 = consistency_mse(q, t1, self.mse_reduction)
+        mse2 = consistency_mse(q2, t2, self.mse_reduction)
+        self.queue.enqueue(k)
+        loss = contrast + self.consistency_weight * (mse1 + mse2)
+        return {"loss": loss, "infonce": contrast.detach(), "mse1": mse1.detach(), "mse2": mse2.detach()}

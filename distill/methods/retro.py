@@ -1,0 +1,73 @@
+"""Retro: the student reuses the teacher's frozen projection head through an adapter."""
+
+from typing import Dict
+
+import torch
+import torch.nn as nn
+
+from retro_transfer.models import Student, Teacher, build_adapter
+
+from ..distributed import batch_shuffle, batch_unshuffle
+from ..ema import ema_update, make_mean_copy
+from ..losses import consistency_mse, info_nce
+from ..queue import EmbeddingQueue
+from .base import DistillMethod, pooled, unit
+
+
+class Retro(DistillMethod):
+    """Nguyen and Park, 2024 ("Reusing teacher projection head"), section 3 and Figure 5.
+
+        q  = n(H_T(pool(A(S(x1))))),   q2 = n(H_T(pool(A(S(x2)))))
+        k  = n(H_T(pool(A(S'(x2))))),  S' = EMA(S; m)   (only the backbone is averaged)
+        t_i = n(H_T(T(x_i)))
+        L  = InfoNCE(q, k) + w * (MSE(t1, q) + MSE(t2, q2))
+
+    Trainable: the student backbone S and the adapter A. Frozen: the teacher
+    backbone T and its head H_T, through which gradients flow to A and S.
+    q2 is the student's embedding of view 2 (the released code uses view 1
+    there, a bug).
+    """
+
+    name = "retro"
+
+    def __init__(
+        self,
+        student: Student,
+        teacher: Teacher,
+        adapter_kind: str = "auto",
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        mse_reduction: str = "batch_mean",
+        consistency_weight: float = 1.0,
+        teacher_bn_train: bool = False,
+    ) -> None:
+        if teacher.head is None:
+            raise ValueError(
+                "Retro reuses the teacher's projection head, and this teacher has none: "
+                "load a MoCo v2 pretraining checkpoint (it holds the head as fc.0/fc.2)"
+            )
+        super().__init__(student, teacher, teacher_bn_train)
+        self.adapter: nn.Module = build_adapter(student.arch, student.out_channels, teacher.out_channels, adapter_kind)
+        self.student_ema = make_mean_copy(student)
+        self.queue = EmbeddingQueue(queue_size, teacher.head.out_dim)
+        self.temperature, self.momentum = temperature, momentum
+        self.mse_reduction, self.consistency_weight = mse_reduction, consistency_weight
+
+    def embed(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """n(H_T(pool(A(feature_map)))): the student's embedding in the teacher's space."""
+        return unit(self.teacher.head(pooled(self.adapter(feature_map))))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
+        t1, t2 = self.teacher_embeddings(x1, x2)
+        q, q2 = self.embed(self.student(x1)), self.embed(self.student(x2))
+        with torch.no_grad():
+            ema_update(self.student_ema, self.student, self.momentum)
+            shuffled, undo = batch_shuffle(x2)
+            k = batch_unshuffle(self.embed(self.student_ema(shuffled)), undo)
+        contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
+        mse1 = consistency_mse(q, t1, self.mse_reduction)
+        mse2 = consistency_mse(q2, t2, self.mse_reduction)
+        self.queue.enqueue(k)
+        loss = contrast + self.consistency_weight * (mse1 + mse2)
+        return {"loss": loss, "infonce": contrast.detach(), "mse1": mse1.detach(), "mse2": mse2.detach()}

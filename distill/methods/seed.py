@@ -1,0 +1,48 @@
+"""SEED: self-supervised distillation by matching similarity distributions."""
+
+from typing import Dict, Optional
+
+import torch
+
+from retro_transfer.models import ProjectionHead, Student, Teacher
+
+from ..losses import seed_loss
+from ..queue import EmbeddingQueue
+from .base import DistillMethod, pooled, unit
+
+
+class SEED(DistillMethod):
+    """Fang et al., 2021 (ICLR), section 3.
+
+        s = n(H_S(S(x))),  t = n(H_T(T(x)))
+        L = -sum_j softmax([t.t, t.queue] / tau_T)_j * log_softmax([s.t, s.queue] / tau_S)_j
+
+    One view per image (the second view passed in is not used); the queue
+    holds teacher embeddings.
+    """
+
+    name = "seed"
+    num_views = 1
+
+    def __init__(
+        self,
+        student: Student,
+        teacher: Teacher,
+        head_hidden: Optional[int] = None,
+        dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        teacher_temperature: float = 0.01,
+        teacher_bn_train: bool = False,
+    ) -> None:
+        super().__init__(student, teacher, teacher_bn_train)
+        self.head = ProjectionHead(student.out_channels, head_hidden or student.out_channels, dim)
+        self.queue = EmbeddingQueue(queue_size, dim)
+        self.temperature, self.teacher_temperature = temperature, teacher_temperature
+
+    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        (t,) = self.teacher_embeddings(x1)
+        s = unit(self.head(pooled(self.student(x1))))
+        loss = seed_loss(s, t, self.queue.snapshot(), self.temperature, self.teacher_temperature)
+        self.queue.enqueue(t)
+        return {"loss": loss, "seed": loss.detach()}

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Distil a student from a frozen self-supervised teacher.
+
+    python tools/distill.py --config configs/distill/retro_effb0_r50.yaml [key=value ...]
+    torchrun --nproc_per_node 8 tools/distill.py --config ... train.sync_bn=true
+
+Overrides use dotted keys, e.g. teacher.checkpoint=moco_v2_800ep_pretrain.pth.tar
+data.train_dir=/data/imagenet/train output_dir=runs/x train.max_steps=1000
+resume=auto.
+"""
+
+import sys
+
+from retro_transfer.checkpoints import CheckpointError
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)
+
+
+def parse_args(argv=None):
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config under configs/distill/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from distill.config import ConfigError, load_config
+    from distill.engine import NonFiniteLossError, Trainer
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        final = Trainer(cfg).fit()
+    except (ConfigError, CheckpointError) as err:
+        fail(str(err))
+    except NonFiniteLossError as err:
+        fail(str(err), code=1)
+    print(f"done: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""Pretrain a ResNet teacher with MoCo v2 and write it in the official MoCo v2 layout.
+
+    python tools/pretrain_teacher.py --config configs/teacher/shapes_moco_v2_r50.yaml [key=value ...]
+
+The run uses the distillation engine (method moco_v2, a ResNet "student"),
+so it resumes, logs and scales the same way. At the end
+``<output_dir>/checkpoint_last.pth.tar`` holds ``module.encoder_q.*`` with the
+head as ``fc.0``/``fc.2``, ``module.encoder_k.*`` and ``module.queue``: the file
+loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.
+"""
+
+import sys
+
+from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)
+
+TEACHER_FILE = "checkpoint_last.pth.tar"
+
+
+def main(argv=None) -> int:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config with method: moco_v2 and a ResNet student.arch")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    args = parser.parse_args(argv)
+
+    from distill import distributed as dist_utils
+    from distill.config import ConfigError, load_config
+    from distill.engine import NonFiniteLossError, Trainer
+    from distill.teacher_export import to_moco_v2_release
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.method != "moco_v2":
+            raise ConfigError(f"a teacher is pretrained with method: moco_v2, not {cfg.method}")
+        final = Trainer(cfg).fit()
+        if dist_utils.is_main_process():
+            release = to_moco_v2_release(safe_load(final))
+            save_atomic(release, final.parent / TEACHER_FILE)
+            print(f"teacher written in the MoCo v2 layout: {final.parent / TEACHER_FILE}")
+    except (ConfigError, CheckpointError, ValueError) as err:
+        fail(str(err))
+    except NonFiniteLossError as err:
+        fail(str(err), code=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
