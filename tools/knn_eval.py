@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Weighted k-NN evaluation of a distilled student (or a teacher) on an ImageFolder data set.
+
+    python tools/knn_eval.py CHECKPOINT --data DIR [--features backbone|adapter]
+        [--k 200] [--temperature 0.07] [--batch-size 256] [--image-size 224]
+        [--workers 4] [--out results.json] [--device cpu|cuda]
+
+DIR holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (the ImageNet
+layout; ``tools/make_shapes.py --out D`` writes one at ``D/classification``).
+The protocol is the InstDisc / MoCo k-NN monitor (METHOD.md, "Evaluation
+protocols"): centre-crop features of both splits from the frozen encoder,
+cosine similarity on L2-normalised features, the k nearest training images
+vote with weight exp(sim / temperature). No training, so it is a quick check.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
+    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument(
+        "--features",
+        choices=("backbone", "adapter"),
+        default="backbone",
+        help="use the pooled backbone (default) or the Retro adapter output",
+    )
+    parser.add_argument("--k", type=_positive_int, default=200, help="neighbours (default %(default)s; 20 is also used)")
+    parser.add_argument("--temperature", type=_positive_float, default=0.07, help="vote weight exp(sim/T) (default %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="default %(default)s")
+    parser.add_argument("--image-size", type=_positive_int, default=224, help="crop size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=_non_negative_int, default=4, help="data-loading processes (default %(default)s)")
+    parser.add_argument("--out", help="write metrics, checkpoint info and arguments to this JSON file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    return parser
+
+
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.image_size < 8:
+        parser.error(f"--image-size must be at least 8, got {args.image_size}")
+    if args.temperature < 1.0 / 700.0:
+        parser.error(f"--temperature must be at least {1.0 / 700.0:.4f} (exp(1/T) overflows below), got {args.temperature}")
+
+
+def _load(checkpoint: str, which: str):
+    """The frozen encoder and its info; checkpoint problems become one-line errors."""
+    from retro_transfer.checkpoints import CheckpointError, load_encoder
+
+    if not Path(checkpoint).exists():
+        fail(f"checkpoint {checkpoint} does not exist")
+    if not Path(checkpoint).is_file():
+        fail(f"checkpoint {checkpoint} is a folder, not a checkpoint file")
+    try:
+        return load_encoder(checkpoint, which=which)
+    except CheckpointError as err:
+        message = str(err).replace("which='backbone'", "--features backbone")  # the library's word for our flag
+        fail(message if str(checkpoint) in message else f"cannot use checkpoint {checkpoint}: {message}")
+
+
+def _features(ev, encoder, args, device):
+    """Centre-crop features of both splits (train is the memory bank, val the queries)."""
+    out = {}
+    for split in ("train", "val"):
+        dataset = ev.image_folder(args.data, split, ev.eval_transform(args.image_size))
+        loader = ev.make_loader(dataset, args.batch_size, shuffle=False, workers=args.workers, pin_memory=device.type == "cuda")
+        out[split] = ev.extract_features(encoder.to(device), loader, device, desc=f"features ({split})")
+    return out
+
+
+def _report(ev, args, info, classes, metrics, k_used, num_train, num_val, seconds) -> dict:
+    clipped = f" (clipped from {args.k} to the {num_train} training images)" if k_used < args.k else ""
+    print(
+        f"k-NN (k {k_used}{clipped}, T {args.temperature:g}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
+        f"({num_val} val images, {len(classes)} classes; {seconds:.1f} s)"
+    )
+    return {
+        "protocol": "weighted k-NN (InstDisc / MoCo monitor: cosine similarity, exp(sim/T) votes, centre crop)",
+        "checkpoint": str(args.checkpoint),
+        "features": ev.describe_features(info),
+        "info": dict(info),
+        "metrics": dict(metrics),
+        "knn": {"k": k_used, "temperature": args.temperature, "num_train": num_train, "num_val": num_val},
+        "data": {"root": str(args.data), "num_classes": len(classes), "classes": classes},
+        "seconds": round(seconds, 2),
+        "args": vars(args),
+    }
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_values(parser, args)
+    import distill.evaluation as ev  # after argument errors: importing torch takes seconds
+
+    try:
+        device = ev.resolve_device(args.device)
+        classes = ev.check_image_folder(args.data)
+        if args.out:
+            ev.check_output_path(args.out)
+    except ValueError as err:  # DataError included: a missing or empty folder
+        fail(str(err))
+    encoder, info = _load(args.checkpoint, args.features)
+    print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
+    start = time.perf_counter()
+    feats = _features(ev, encoder, args, device)
+    (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
+    scores = ev.knn_classify(
+        train_x.to(device), train_y, val_x.to(device), len(classes), k=args.k, temperature=args.temperature
+    )
+    metrics = ev.topk_accuracy(scores, val_y)
+    k_used = min(args.k, train_x.shape[0])
+    payload = _report(ev, args, info, classes, metrics, k_used, train_x.shape[0], val_x.shape[0], time.perf_counter() - start)
+    if args.out:
+        try:
+            print(f"results written to {ev.write_results(args.out, payload)}")
+        except (ValueError, OSError) as err:
+            fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

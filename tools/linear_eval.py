@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Linear-probe evaluation of a distilled student (or a teacher) on an ImageFolder data set.
+
+    python tools/linear_eval.py CHECKPOINT --data DIR [--features backbone|adapter]
+        [--epochs 100] [--lr 30] [--batch-size 256] [--image-size 224] [--workers 4]
+        [--precompute] [--seed 0] [--out results.json] [--device cpu|cuda]
+
+DIR holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (the ImageNet
+layout; ``tools/make_shapes.py --out D`` writes one at ``D/classification``).
+The protocol is MoCo's (METHOD.md, "Evaluation protocols"): frozen encoder,
+one Linear layer, SGD lr 30, momentum 0.9, wd 0, 100 epochs, lr steps at
+60 %/80 %, random-resized-crop training, centre-crop evaluation.
+``--features adapter`` probes the Retro adapter output instead of the student
+backbone (both variants exist in the Retro work; the report says which).
+``--precompute`` trains on features extracted once with the centre crop:
+much faster on a CPU, but not the protocol.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
+    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument(
+        "--features",
+        choices=("backbone", "adapter"),
+        default="backbone",
+        help="probe the pooled backbone (default) or the Retro adapter output",
+    )
+    parser.add_argument("--epochs", type=_positive_int, default=100, help="default %(default)s (MoCo)")
+    parser.add_argument("--lr", type=_positive_float, default=30.0, help="default %(default)s (MoCo; DisCo uses 3.0)")
+    parser.add_argument("--momentum", type=_non_negative_float, default=0.9, help="default %(default)s")
+    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="default %(default)s")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="default %(default)s")
+    parser.add_argument("--image-size", type=_positive_int, default=224, help="crop size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=_non_negative_int, default=4, help="data-loading processes (default %(default)s)")
+    parser.add_argument(
+        "--precompute",
+        action="store_true",
+        help="train on centre-crop features extracted once (fast; not the protocol's random crops)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    parser.add_argument("--out", help="write metrics, checkpoint info and arguments to this JSON file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    return parser
+
+
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.momentum >= 1:
+        parser.error(f"--momentum must be below 1, got {args.momentum}")
+    if args.image_size < 8:
+        parser.error(f"--image-size must be at least 8, got {args.image_size}")
+
+
+def _load(checkpoint: str, which: str):
+    """The frozen encoder and its info; checkpoint problems become one-line errors."""
+    from retro_transfer.checkpoints import CheckpointError, load_encoder
+
+    if not Path(checkpoint).exists():
+        fail(f"checkpoint {checkpoint} does not exist")
+    if not Path(checkpoint).is_file():
+        fail(f"checkpoint {checkpoint} is a folder, not a checkpoint file")
+    try:
+        return load_encoder(checkpoint, which=which)
+    except CheckpointError as err:
+        message = str(err).replace("which='backbone'", "--features backbone")  # the library's word for our flag
+        fail(message if str(checkpoint) in message else f"cannot use checkpoint {checkpoint}: {message}")
+
+
+def _loaders(ev, args, device):
+    """Training loader (random crops, or centre crops with --precompute) and centre-crop validation loader."""
+    train_tf = ev.eval_transform(args.image_size) if args.precompute else ev.train_transform(args.image_size)
+    train_set = ev.image_folder(args.data, "train", train_tf)
+    val_set = ev.image_folder(args.data, "val", ev.eval_transform(args.image_size))
+    pin = device.type == "cuda"
+    train = ev.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed, pin_memory=pin)
+    val = ev.make_loader(val_set, args.batch_size, shuffle=False, workers=args.workers, seed=args.seed, pin_memory=pin)
+    return train, val
+
+
+def _report(ev, args, info, classes, result, seconds) -> dict:
+    steps = "/".join(str(m) for m in result["milestones"]) or "none"
+    training = "precomputed centre-crop features (not the protocol)" if args.precompute else "random-resized crops"
+    print(
+        f"linear probe: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+        f"({result['num_val']} val images, {len(classes)} classes; {args.epochs} epochs, lr {args.lr:g}, "
+        f"steps at {steps}, {training}; {seconds:.1f} s)"
+    )
+    return {
+        "protocol": "linear probe (MoCo v2 main_lincls: frozen encoder, one Linear layer, centre-crop evaluation)",
+        "checkpoint": str(args.checkpoint),
+        "features": ev.describe_features(info),
+        "info": dict(info),
+        "metrics": {"top1": result["top1"], "top5": result["top5"]},
+        "probe": {k: v for k, v in result.items() if k not in ("top1", "top5")},
+        "data": {"root": str(args.data), "num_classes": len(classes), "classes": classes},
+        "seconds": round(seconds, 2),
+        "args": vars(args),
+    }
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_values(parser, args)
+    import distill.evaluation as ev  # after argument errors: importing torch takes seconds
+
+    try:
+        device = ev.resolve_device(args.device)
+        classes = ev.check_image_folder(args.data)
+        if args.out:
+            ev.check_output_path(args.out)
+    except ValueError as err:  # DataError included: a missing or empty folder
+        fail(str(err))
+    encoder, info = _load(args.checkpoint, args.features)
+    print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
+    start = time.perf_counter()
+    train, val = _loaders(ev, args, device)
+    try:
+        result = ev.train_linear_probe(
+            encoder, train, val, num_classes=len(classes), epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, device=device, precompute_features=args.precompute, seed=args.seed,
+        )
+    except FloatingPointError as err:
+        fail(str(err))
+    payload = _report(ev, args, info, classes, result, time.perf_counter() - start)
+    if args.out:
+        try:
+            print(f"results written to {ev.write_results(args.out, payload)}")
+        except (ValueError, OSError) as err:
+            fail(str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
