@@ -51,6 +51,7 @@ def build_method(cfg: Config) -> DistillMethod:
             queue_size=cfg.loss.queue_size,
             temperature=cfg.loss.temperature,
             momentum=cfg.loss.momentum,
+            shuffle_bn=cfg.train.shuffle_bn,
         )
     if not cfg.teacher.checkpoint:
         raise ConfigError(f"method {cfg.method} needs a teacher: set teacher.checkpoint=PATH")
@@ -68,7 +69,10 @@ def build_method(cfg: Config) -> DistillMethod:
             **common,
         )
     consistency = dict(
-        momentum=cfg.loss.momentum, mse_reduction=cfg.loss.mse_reduction, consistency_weight=cfg.loss.consistency_weight
+        momentum=cfg.loss.momentum,
+        mse_reduction=cfg.loss.mse_reduction,
+        consistency_weight=cfg.loss.consistency_weight,
+        shuffle_bn=cfg.train.shuffle_bn,
     )
     if cfg.method == "disco":
         return cls(student, teacher, head_hidden=cfg.student.head_hidden or 2048, dim=teacher.head.out_dim, **common, **consistency)
@@ -184,6 +188,7 @@ class Trainer:
         path = self.out / LAST
         if dist_utils.is_main_process():
             state = self.state()
+            self._check_finite(state)
             save_atomic(state, path)
             numbered = self.out / f"checkpoint_{self.step:07d}.pth"
             save_atomic(state, numbered)
@@ -191,6 +196,25 @@ class Trainer:
                 old.unlink()
         self.last_saved = path
         return path
+
+    def _check_finite(self, state: Dict) -> None:
+        """Refuse to write a checkpoint whose weights, buffers or optimiser state are NaN or infinite.
+
+        A finite loss does not imply a finite state: an update can overflow a
+        weight, a BN running variance or a momentum buffer one step before the
+        loss shows it. Saving that state would overwrite the last good checkpoint.
+        """
+        tensors = list(state["model"].items())
+        for index, buffers in state["optimizer"]["state"].items():
+            tensors += [(f"optimizer.state.{index}.{key}", value) for key, value in buffers.items()]
+        bad = [name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"the model state is not finite at step {self.step} ({len(bad)} tensor(s), e.g. {bad[0]}), "
+                f"so it was not saved; the run stopped and {where}. "
+                "Lower train.lr or train.weight_decay, set train.grad_clip, or use train.precision=fp32"
+            )
 
     def _restore(self, path: Path) -> None:
         ckpt = safe_load(path)
@@ -231,6 +255,10 @@ class Trainer:
             num_workers=cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # Its own generator: the loader draws a worker base seed per iterator, and from
+            # the global RNG that would put a resumed run one draw off the uninterrupted one
+            # (batch_shuffle's permutation, dropout). Samples are seeded per index anyway.
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     def _to_device(self, view: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """What every distillation method shares: the interface and the embedding helpers."""
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from retro_transfer.models import Student, Teacher
+
+from ..distributed import batch_shuffle, batch_unshuffle
 
 
 def pooled(feature_map: torch.Tensor) -> torch.Tensor:
@@ -33,11 +35,14 @@ class DistillMethod(nn.Module):
     needs_teacher = True
     num_views = 2  # augmented views per image that forward() takes
 
-    def __init__(self, student: Student, teacher: Optional[Teacher] = None, teacher_bn_train: bool = False) -> None:
+    def __init__(
+        self, student: Student, teacher: Optional[Teacher] = None, teacher_bn_train: bool = False, shuffle_bn: bool = True
+    ) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.teacher_bn_train = teacher_bn_train
+        self.shuffle_bn = shuffle_bn
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -59,6 +64,18 @@ class DistillMethod(nn.Module):
             t = unit(self.teacher(torch.cat(views)))
         # A clone outside inference mode is an ordinary tensor the loss can use.
         return t.clone().chunk(len(views))
+
+    @torch.no_grad()
+    def keys(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``encode(x)`` for the mean student, with MoCo's shuffling BN across processes.
+
+        Shuffling keeps the key encoder's BN statistics from being computed on
+        the same sub-batch as the query's, which would leak information.
+        """
+        if not self.shuffle_bn:
+            return encode(x)
+        shuffled, undo = batch_shuffle(x)
+        return batch_unshuffle(encode(shuffled), undo)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -6,7 +6,6 @@ import torch
 
 from retro_transfer.models import ProjectionHead, Student, Teacher
 
-from ..distributed import batch_shuffle, batch_unshuffle
 from ..ema import ema_update, make_mean_copy
 from ..losses import consistency_mse, info_nce
 from ..queue import EmbeddingQueue
@@ -34,11 +33,12 @@ class DisCo(DistillMethod):
         queue_size: int = 65536,
         temperature: float = 0.2,
         momentum: float = 0.999,
+        shuffle_bn: bool = True,
         mse_reduction: str = "batch_mean",
         consistency_weight: float = 1.0,
         teacher_bn_train: bool = False,
     ) -> None:
-        super().__init__(student, teacher, teacher_bn_train)
+        super().__init__(student, teacher, teacher_bn_train, shuffle_bn)
         self.head = ProjectionHead(student.out_channels, head_hidden, dim)
         self.student_ema = make_mean_copy(student)
         self.head_ema = make_mean_copy(self.head)
@@ -55,8 +55,7 @@ class DisCo(DistillMethod):
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)
             ema_update(self.head_ema, self.head, self.momentum)
-            shuffled, undo = batch_shuffle(x2)
-            k = batch_unshuffle(unit(self.head_ema(pooled(self.student_ema(shuffled)))), undo)
+            k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
         contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
         mse1 = consistency_mse(q, t1, self.mse_reduction)
         mse2 = consistency_mse(q2, t2, self.mse_reduction)

@@ -6,7 +6,6 @@ import torch
 
 from retro_transfer.models import ProjectionHead, Student
 
-from ..distributed import batch_shuffle, batch_unshuffle
 from ..ema import ema_update, make_mean_copy
 from ..losses import info_nce
 from ..queue import EmbeddingQueue
@@ -33,8 +32,9 @@ class MoCoV2(DistillMethod):
         queue_size: int = 65536,
         temperature: float = 0.2,
         momentum: float = 0.999,
+        shuffle_bn: bool = True,
     ) -> None:
-        super().__init__(student)
+        super().__init__(student, shuffle_bn=shuffle_bn)
         self.head = ProjectionHead(student.out_channels, head_hidden or student.out_channels, dim)
         self.student_ema = make_mean_copy(student)
         self.head_ema = make_mean_copy(self.head)
@@ -46,8 +46,7 @@ class MoCoV2(DistillMethod):
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)
             ema_update(self.head_ema, self.head, self.momentum)
-            shuffled, undo = batch_shuffle(x2)
-            k = batch_unshuffle(unit(self.head_ema(pooled(self.student_ema(shuffled)))), undo)
+            k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
         loss = info_nce(q, k, self.queue.snapshot(), self.temperature)
         self.queue.enqueue(k)
         return {"loss": loss, "infonce": loss.detach()}

@@ -7,7 +7,6 @@ import torch.nn as nn
 
 from retro_transfer.models import Student, Teacher, build_adapter
 
-from ..distributed import batch_shuffle, batch_unshuffle
 from ..ema import ema_update, make_mean_copy
 from ..losses import consistency_mse, info_nce
 from ..queue import EmbeddingQueue
@@ -38,6 +37,7 @@ class Retro(DistillMethod):
         queue_size: int = 65536,
         temperature: float = 0.2,
         momentum: float = 0.999,
+        shuffle_bn: bool = True,
         mse_reduction: str = "batch_mean",
         consistency_weight: float = 1.0,
         teacher_bn_train: bool = False,
@@ -47,7 +47,7 @@ class Retro(DistillMethod):
                 "Retro reuses the teacher's projection head, and this teacher has none: "
                 "load a MoCo v2 pretraining checkpoint (it holds the head as fc.0/fc.2)"
             )
-        super().__init__(student, teacher, teacher_bn_train)
+        super().__init__(student, teacher, teacher_bn_train, shuffle_bn)
         self.adapter: nn.Module = build_adapter(student.arch, student.out_channels, teacher.out_channels, adapter_kind)
         self.student_ema = make_mean_copy(student)
         self.queue = EmbeddingQueue(queue_size, teacher.head.out_dim)
@@ -63,8 +63,7 @@ class Retro(DistillMethod):
         q, q2 = self.embed(self.student(x1)), self.embed(self.student(x2))
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)
-            shuffled, undo = batch_shuffle(x2)
-            k = batch_unshuffle(self.embed(self.student_ema(shuffled)), undo)
+            k = self.keys(lambda x: self.embed(self.student_ema(x)), x2)
         contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
         mse1 = consistency_mse(q, t1, self.mse_reduction)
         mse2 = consistency_mse(q2, t2, self.mse_reduction)
