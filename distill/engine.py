@@ -126,8 +126,8 @@ class Trainer:
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.out = Path(cfg.output_dir)
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
-        if cfg.train.sync_bn and self.device.type != "cuda":
-            raise ConfigError("train.sync_bn=true needs GPUs (SyncBatchNorm runs on CUDA only)")
+        if cfg.train.sync_bn and self.distributed and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn=true across processes needs GPUs (SyncBatchNorm runs on CUDA only); set it false")
 
         # The same seed on every process: identical initial weights and queues.
         torch.manual_seed(cfg.seed)
@@ -152,8 +152,10 @@ class Trainer:
             self._restore(resume_from)
         self.model: nn.Module = self.method
         if self.distributed:
-            # The queue and the mean student's BN statistics are kept identical by
-            # the method itself; broadcasting buffers would resend the whole queue.
+            # Buffers are not broadcast: every process enqueues the same gathered
+            # keys, so the queues agree, and resending the queue each step would
+            # cost 32 MB. BN running statistics stay per process (rank 0's are
+            # saved); training uses batch statistics, so it is unaffected.
             self.model = DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
