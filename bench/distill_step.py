@@ -60,6 +60,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from distill.engine import forward_losses, optimize
 from distill.methods import METHODS, DistillMethod
 from distill.methods.base import pooled, unit
 from retro_transfer.models import Teacher, build_student
@@ -192,17 +193,11 @@ def make_setup(name: str, student_arch: str, args: argparse.Namespace, device: t
 
 
 def full_step(s: Setup) -> None:
-    """One training step, as ``Trainer.train_step`` runs it (a non-finite loss is counted, not raised)."""
-    with s.autocast():
-        out = s.method(*s.views) if len(s.views) > 1 else s.method(s.views[0], None)
-    loss = out["loss"]
+    """One training step through the engine's own functions (a non-finite loss is counted, not raised)."""
+    loss = forward_losses(s.method, s.views, s.device.type, s.dtype)["loss"]
     if not torch.isfinite(loss.detach()):  # a device-to-host sync, as in the engine
         s.nonfinite_steps += 1
-    s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    s.scheduler.step()
+    optimize(loss, s.optimizer, s.scaler, s.scheduler, s.method.trainable_parameters(), grad_clip=None)
 
 
 def teacher_part(s: Setup) -> None:

@@ -102,6 +102,25 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def forward_losses(model: nn.Module, views, device_type: str, autocast_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+    """The method's forward on a step's views, under autocast when a dtype is given."""
+    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    with autocast:
+        return model(*views) if len(views) > 1 else model(views[0], None)
+
+
+def optimize(loss: torch.Tensor, optimizer, scaler, scheduler, params, grad_clip: Optional[float]) -> None:
+    """Backward, optional gradient clipping, the optimiser and schedule steps (fp16-safe)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
     if not cfg.resume:
         return None
@@ -268,11 +287,7 @@ class Trainer:
         return view.to(self.device, non_blocking=True, memory_format=memory_format)
 
     def train_step(self, views) -> Dict[str, float]:
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
-        )
-        with autocast:
-            out = self.model(*views) if len(views) > 1 else self.model(views[0], None)
+        out = forward_losses(self.model, views, self.device.type, self.autocast_dtype)
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
             where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
@@ -280,14 +295,7 @@ class Trainer:
                 f"loss is {loss.item()} at step {self.step}; the run stopped and {where}. "
                 "Lower train.lr, set train.grad_clip, or use train.precision=fp32"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.train.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.method.trainable_parameters(), self.cfg.train.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        optimize(loss, self.optimizer, self.scaler, self.scheduler, self.method.trainable_parameters(), self.cfg.train.grad_clip)
         return {k: float(v.detach()) for k, v in out.items()}
 
     def fit(self) -> Path:
