@@ -1,0 +1,20 @@
+"""The end-to-end pipeline: shapes data -> teacher -> four distilled students -> evaluation -> transfer -> report.
+
+``tools/pipeline.py --preset {smoke,default} --out DIR`` runs it; each stage
+is skipped when its output is up to date (see :mod:`.runner`).
+"""
+
+# The two presets differ only in size. smoke: what the tests run (minutes on a
+# 2-core CPU). default: what `make demo` runs (under 20 minutes there).
+PRESETS = {
+    "smoke": dict(
+        seed=0, num_images=48, image_side=64, crop=48, workers=0,
+        teacher_arch="resnet18", teacher_steps=6, distill_steps=6, batch_size=16, queue_size=32,
+        knn_k=20, probe_epochs=20, probe_lr=1.0,
+    ),
+    "default": dict(
+        seed=0, num_images=300, image_side=96, crop=64, workers=2,
+        teacher_arch="resnet18", teacher_steps=150, distill_steps=150, batch_size=32, queue_size=256,
+        knn_k=20, probe_epochs=60, probe_lr=1.0,
+    ),
+}

@@ -1,0 +1,207 @@
+"""Pipeline stages up to the distilled students: data, teacher, distillation, linear probe and k-NN.
+
+Each stage runs in this process through the same library calls the command
+line tools make (start-up of a fresh Python with torch costs several seconds
+on a small machine, and the smoke preset has a budget of minutes), and
+records the equivalent command for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List
+
+from distill.config import load_config
+from distill.engine import Trainer
+from distill.teacher_export import to_moco_v2_release
+from retro_transfer.checkpoints import load_encoder, safe_load, save_atomic
+from retro_transfer.data.shapes import ShapesConfig, generate
+
+from .runner import Context, Stage
+
+METHODS = ("moco_v2", "seed", "disco", "retro")
+TEACHER_FILE = "checkpoint_last.pth.tar"
+
+
+def data_dir(ctx: Context) -> Path:
+    return ctx.folder("data") / "shapes"
+
+
+def teacher_file(ctx: Context) -> Path:
+    return ctx.folder("teacher") / TEACHER_FILE
+
+
+def student_file(ctx: Context, method: str) -> Path:
+    return ctx.folder(f"distill_{method}") / "checkpoint_last.pth"
+
+
+def read_log(folder: Path) -> List[Dict]:
+    """The JSON-lines training log a run wrote."""
+    path = folder / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _last_terms(folder: Path) -> Dict:
+    log = read_log(folder)
+    if not log:
+        return {}
+    last = log[-1]
+    return {k: v for k, v in last.items() if k not in ("lr",) and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def _data(ctx: Context, folder: Path) -> Dict:
+    p = ctx.preset
+    cfg = ShapesConfig(num_images=p["num_images"], size=p["image_side"], seed=p["seed"])
+    generate(data_dir(ctx), cfg)
+    return {"voc_images": cfg.num_images, "image_side": cfg.size, "classification_train": cfg.num_classification_train,
+            "classification_val": cfg.num_classification_val, "unlabeled": cfg.num_unlabeled}
+
+
+# -- teacher and students -------------------------------------------------------------------
+
+
+def _overrides(ctx: Context, folder: Path, steps: int) -> List[str]:
+    p = ctx.preset
+    return [
+        f"output_dir={folder}",
+        f"data.train_dir={data_dir(ctx) / 'unlabeled'}",
+        f"data.image_size={p['crop']}",
+        f"data.num_workers={p['workers']}",
+        f"train.batch_size={p['batch_size']}",
+        f"train.max_steps={steps}",
+        f"train.warmup_steps={max(1, steps // 20)}",
+        f"loss.queue_size={p['queue_size']}",
+        f"checkpoint.every={steps}",
+        "checkpoint.keep=0",
+        f"log.every={max(1, steps // 50)}",
+        "log.tensorboard=false",
+        f"seed={p['seed']}",
+    ]
+
+
+TEACHER_CONFIG = "configs/teacher/shapes_moco_v2_r50.yaml"
+
+
+def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
+    return _overrides(ctx, folder, ctx.preset["teacher_steps"]) + [f"student.arch={ctx.preset['teacher_arch']}"]
+
+
+def _teacher(ctx: Context, folder: Path) -> Dict:
+    cfg = load_config(TEACHER_CONFIG, _teacher_overrides(ctx, folder))
+    final = Trainer(cfg).fit()
+    save_atomic(to_moco_v2_release(safe_load(final)), folder / TEACHER_FILE)
+    final.unlink()  # the exported file is the teacher; the engine checkpoint would double the disk use
+    return {"arch": ctx.preset["teacher_arch"], "steps": cfg.train.max_steps, **_last_terms(folder)}
+
+
+def _distill_config(method: str) -> str:
+    return f"configs/distill/shapes_{method}_effb0.yaml"
+
+
+def _distill_overrides(ctx: Context, folder: Path, method: str) -> List[str]:
+    extra = [f"teacher.checkpoint={teacher_file(ctx)}", f"teacher.arch={ctx.preset['teacher_arch']}"]
+    return _overrides(ctx, folder, ctx.preset["distill_steps"]) + (extra if method != "moco_v2" else [])
+
+
+def _distill(method: str):
+    def run(ctx: Context, folder: Path) -> Dict:
+        cfg = load_config(_distill_config(method), _distill_overrides(ctx, folder, method))
+        Trainer(cfg).fit()
+        return {"method": method, "student": cfg.student.arch, "steps": cfg.train.max_steps, **_last_terms(folder)}
+
+    return run
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+
+def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
+    """k-NN and linear probe (on features computed once: the quick variant) on the classification split."""
+    from distill.evaluation import (
+        eval_transform,
+        extract_features,
+        image_folder,
+        knn_classify,
+        make_loader,
+        topk_accuracy,
+        train_linear_probe,
+    )
+
+    p = ctx.preset
+    root = data_dir(ctx) / "classification"
+    encoder, info = load_encoder(checkpoint, which)
+    transform = eval_transform(p["crop"])
+    train = image_folder(root, "train", transform)
+    val = image_folder(root, "val", transform)
+    train_loader = make_loader(train, 64, shuffle=False)
+    val_loader = make_loader(val, 64, shuffle=False)
+    train_feats, train_labels = extract_features(encoder, train_loader)
+    val_feats, val_labels = extract_features(encoder, val_loader)
+    k = min(p["knn_k"], len(train))
+    knn = topk_accuracy(knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k), val_labels)
+    probe = train_linear_probe(
+        encoder, make_loader(train, 64, shuffle=True, seed=p["seed"]), val_loader, len(train.classes),
+        epochs=p["probe_epochs"], lr=p["probe_lr"], precompute_features=True, seed=p["seed"],
+    )
+    return {"features": which, "dim": info["dim"], "knn_top1": knn["top1"], "knn_k": k,
+            "linear_top1": probe["top1"], "linear_top5": probe["top5"]}
+
+
+def _eval_stage(model: str, checkpoint_of, which_list):
+    def run(ctx: Context, folder: Path) -> Dict:
+        return {which: _evaluate(ctx, checkpoint_of(ctx), which) for which in which_list}
+
+    return run
+
+
+def _eval_command(checkpoint_of, which_list):
+    def command(ctx: Context, folder: Path) -> str:
+        p, ckpt, data = ctx.preset, checkpoint_of(ctx), data_dir(ctx) / "classification"
+        parts = []
+        for which in which_list:
+            parts.append(
+                f"python tools/linear_eval.py {ckpt} --data {data} --features {which} --precompute "
+                f"--epochs {p['probe_epochs']} --lr {p['probe_lr']} --batch-size 64 --image-size {p['crop']} --seed {p['seed']}"
+            )
+            parts.append(f"python tools/knn_eval.py {ckpt} --data {data} --features {which} --k {p['knn_k']} --image-size {p['crop']}")
+        return " && ".join(parts)
+
+    return command
+
+
+def _cli(tool: str, config: str, overrides: List[str]) -> str:
+    return " ".join([f"python tools/{tool}", "--config", config, *overrides])
+
+
+def upstream_stages(preset: Dict) -> List[Stage]:
+    """Stages from data to evaluated students, in order."""
+    p = preset
+    stages = [
+        Stage("data", _data,
+              lambda ctx, f: f"python tools/make_shapes.py --out {data_dir(ctx)} --num-images {p['num_images']} --size {p['image_side']} --seed {p['seed']}",
+              title="generate the shapes data set"),
+        Stage("teacher", _teacher, lambda ctx, f: _cli("pretrain_teacher.py", TEACHER_CONFIG, _teacher_overrides(ctx, f)),
+              deps=("data",), title=f"MoCo v2 pretraining of a {p['teacher_arch']} teacher"),
+    ]
+    for method in METHODS:
+        deps = ("data",) if method == "moco_v2" else ("data", "teacher")
+        stages.append(
+            Stage(f"distill_{method}", _distill(method),
+                  lambda ctx, f, m=method: _cli("distill.py", _distill_config(m), _distill_overrides(ctx, f, m)),
+                  deps=deps, title=f"distil EfficientNet-B0 with {method}")
+        )
+    stages.append(Stage("eval_teacher", _eval_stage("teacher", teacher_file, ["backbone"]),
+                        _eval_command(teacher_file, ["backbone"]), deps=("data", "teacher"), title="linear probe and k-NN: teacher"))
+    for method in METHODS:
+        which = ["backbone", "adapter"] if method == "retro" else ["backbone"]
+        checkpoint = lambda ctx, m=method: student_file(ctx, m)  # noqa: E731
+        stages.append(
+            Stage(f"eval_{method}", _eval_stage(method, checkpoint, which), _eval_command(checkpoint, which),
+                  deps=("data", f"distill_{method}"), title=f"linear probe and k-NN: {method} student")
+        )
+    return stages

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""The whole product on generated data: pretrain -> distil -> evaluate -> transfer -> report.
+
+    python tools/pipeline.py --preset default --out runs/pipeline      (what `make demo` runs)
+    python tools/pipeline.py --preset smoke --out /tmp/smoke           (minutes; what the tests run)
+
+Stages whose output is up to date are skipped; `--force STAGE` (or `--force all`)
+redoes a stage and everything after it. The report is DIR/report.md, with
+DIR/summary.json and PNG figures beside it.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)
+
+
+def main(argv=None) -> int:
+    from retro_transfer.pipeline import PRESETS
+
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="size of the run (default %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder (stages are resumed from it)")
+    parser.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="redo these stages ('all' for every one)")
+    args = parser.parse_args(argv)
+
+    from distill.config import ConfigError
+    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.pipeline.build import build_stages, finish
+    from retro_transfer.pipeline.runner import Context, run_pipeline
+
+    preset = PRESETS[args.preset]
+    stages = build_stages(preset)
+    unknown = [s for s in args.force if s != "all" and s not in {stage.name for stage in stages}]
+    if unknown:
+        fail(f"unknown stage(s) {', '.join(unknown)} for --force; stages: {', '.join(s.name for s in stages)}")
+    ctx = Context(Path(args.out).absolute(), preset)
+    start = time.perf_counter()
+    try:
+        records = run_pipeline(stages, ctx, force=args.force)
+    except (ConfigError, CheckpointError) as err:
+        fail(str(err))
+    report = finish(ctx, args.preset, records)
+    print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
