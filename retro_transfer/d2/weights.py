@@ -1,0 +1,295 @@
+"""Backbone weights in Detectron2's pickle format, and a checkpointer that checks them on load.
+
+Two targets, one per kind of Detectron2 backbone:
+
+``timm``
+    ``build_timm_fpn_backbone`` (and its RetinaNet sibling). Tensors keep
+    timm's names under the exact module path they have in Detectron2's model,
+    ``backbone.bottom_up.body.<timm key>``, and ``matching_heuristics`` is off:
+    loading is by exact name, so nothing can land in the wrong place.
+``resnet``
+    Detectron2's built-in ResNet (C4 and FPN), renamed as MoCo's converter
+    does (METHOD.md, "Transfer"): ``conv1`` -> ``stem.conv1``, ``bn1`` ->
+    ``stem.conv1.norm``, ``layerN`` -> ``res{N+1}``, ``bnK`` -> ``convK.norm``,
+    ``downsample.0/1`` -> ``shortcut`` / ``shortcut.norm``. The names carry no
+    module path, because C4 keeps res5 in the ROI head and FPN in the backbone;
+    Detectron2's ``matching_heuristics`` places them by suffix, so one file
+    serves both.
+
+The file also records what it holds (``retro_transfer``: arch, target,
+source), which :class:`RetroCheckpointer` compares with the model it loads
+into, so a file for the wrong architecture is an error, not a warning.
+"""
+
+import contextlib
+import os
+import pickle
+import re
+import secrets
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone.resnet import BottleneckBlock, build_resnet_backbone
+
+from ..checkpoints import RESNET_LAYOUTS
+from ..convert import BackboneSource, ConversionError, check_complete
+from .backbone import TimmBackbone, feature_levels
+from .config import ConfigError
+
+TARGETS = ("timm", "resnet")
+META_KEY = "retro_transfer"
+AUTHOR = "retro-transfer"
+TIMM_PREFIX = "backbone.bottom_up.body."
+
+RESNET_DEPTHS = {arch: int(arch[len("resnet") :]) for _, arch in RESNET_LAYOUTS.items()}
+_LAYOUT_OF = {arch: layout for layout, arch in RESNET_LAYOUTS.items()}
+# Teachers go to Detectron2's ResNet (C4 or FPN, MoCo's recipe); smaller ResNets
+# are students, which use the timm backbone with FPN (C4 would drop their res5).
+DEFAULT_RESNET_TARGET = ("resnet50", "resnet101", "resnet152")
+
+
+class IncompatibleWeightsError(Exception):
+    """MODEL.WEIGHTS does not fit the model's backbone; the message says which config or file to use."""
+
+
+@dataclass
+class D2Weights:
+    """A converted backbone: Detectron2 names -> tensors, and what the file says about it."""
+
+    model: Dict[str, torch.Tensor]
+    arch: str
+    target: str
+    source_format: str
+    source: str
+
+    @property
+    def matching_heuristics(self) -> bool:
+        return self.target == "resnet"
+
+    def groups(self) -> Dict[str, int]:
+        """Tensor counts by top module (``backbone.bottom_up.body.blocks``, ``res4``...) for the report."""
+        if self.target == "timm":
+            return dict(Counter(TIMM_PREFIX + k[len(TIMM_PREFIX) :].split(".", 1)[0] for k in self.model))
+        return dict(Counter(k.split(".", 1)[0] for k in self.model))
+
+
+# --------------------------------------------------------------------------- names
+
+
+def choose_target(arch: str, target: str = "auto") -> str:
+    """``auto``: ResNet-50/101/152 -> Detectron2's ResNet, everything else -> the timm backbone."""
+    if target == "auto":
+        return "resnet" if arch in DEFAULT_RESNET_TARGET else "timm"
+    if target not in TARGETS:
+        raise ConversionError(f"unknown target {target!r}; choose auto, {', '.join(TARGETS)}")
+    if target == "resnet" and arch not in RESNET_DEPTHS:
+        raise ConversionError(
+            f"--target resnet is Detectron2's built-in ResNet ({', '.join(RESNET_DEPTHS)}); {arch} is not one, "
+            "use --target timm"
+        )
+    return target
+
+
+_RESNET_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(.+)")
+
+
+def resnet_to_d2(key: str) -> Optional[str]:
+    """torchvision ResNet name -> Detectron2 ResNet name, or None for a name that is not a backbone's."""
+    block = _RESNET_BLOCK.fullmatch(key)
+    if block is None:
+        stem = re.fullmatch(r"(conv1\.weight)|bn1\.(.+)", key)
+        if stem is None:
+            return None
+        return "stem." + (stem[1] or "conv1.norm." + stem[2])
+    stage, index, rest = int(block[1]) + 1, block[2], block[3]
+    for pattern, repl in (
+        (r"conv(\d)\.weight", r"conv\1.weight"),
+        (r"bn(\d)\.(.+)", r"conv\1.norm.\2"),
+        (r"downsample\.0\.weight", "shortcut.weight"),
+        (r"downsample\.1\.(.+)", r"shortcut.norm.\1"),
+    ):
+        if re.fullmatch(pattern, rest):
+            return f"res{stage}.{index}.{re.sub(pattern, repl, rest)}"
+    return None
+
+
+def target_state(arch: str, target: str) -> Dict[str, torch.Tensor]:
+    """State dict (Detectron2 names) of a freshly built target backbone: the names and shapes to fill."""
+    if target == "timm":
+        try:
+            levels = feature_levels(arch)
+        except ConfigError as e:
+            raise ConversionError(str(e)) from None
+        backbone = TimmBackbone(arch, list(levels), norm="BN")
+        return {TIMM_PREFIX + k[len("body.") :]: v for k, v in backbone.state_dict().items()}
+    depth = RESNET_DEPTHS[arch]
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    return build_resnet_backbone(cfg, ShapeSpec(channels=3)).state_dict()
+
+
+def to_detectron2(source: BackboneSource, target: str = "auto") -> D2Weights:
+    """Rename ``source``'s backbone for ``target`` and check every tensor lands on a key of the same shape."""
+    target = choose_target(source.arch, target)
+    if target == "timm":
+        renamed = {k: TIMM_PREFIX + k for k in source.state}
+    else:
+        renamed = {k: n for k in source.state if (n := resnet_to_d2(k)) is not None}
+    check_complete(source, renamed, target_state(source.arch, target))
+    model = {renamed[k]: v.detach().cpu() for k, v in source.state.items()}
+    return D2Weights(model, source.arch, target, source.source_format, source.path)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _as_array(t: torch.Tensor):
+    # Detectron2's model-zoo pickles hold numpy arrays; numpy has no bfloat16.
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def save_d2(weights: D2Weights, out: os.PathLike) -> None:
+    """Write Detectron2's pickle format atomically: the old file or the new one, never half of one."""
+    out = Path(out)
+    obj = {
+        "model": {k: _as_array(v) for k, v in weights.model.items()},
+        "__author__": AUTHOR,
+        "matching_heuristics": weights.matching_heuristics,
+        META_KEY: {
+            "arch": weights.arch,
+            "target": weights.target,
+            "source_format": weights.source_format,
+            "source": weights.source,
+        },
+    }
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise ConversionError(f"cannot write {out}: {e}") from e
+        raise
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _bottom_up(model: nn.Module) -> Optional[nn.Module]:
+    backbone = getattr(model, "backbone", None)
+    return backbone.bottom_up if isinstance(backbone, FPN) else backbone
+
+
+def _config_for(meta: Mapping) -> str:
+    if meta.get("target") == "timm":
+        return f"MODEL.BACKBONE.NAME build_timm_fpn_backbone with MODEL.TIMM.ARCH {meta.get('arch')}"
+    depth = RESNET_DEPTHS.get(meta.get("arch"), "?")
+    return f"Detectron2's ResNet with MODEL.RESNETS.DEPTH {depth} (C4 or FPN)"
+
+
+def check_model_matches(model: nn.Module, meta: Mapping, path: str = "MODEL.WEIGHTS") -> None:
+    """Refuse a converted file whose architecture or norm does not fit ``model``'s backbone."""
+    bottom = _bottom_up(model)
+    arch, target = meta.get("arch"), meta.get("target")
+    holds = f"{path} holds {arch} weights converted for {_config_for(meta)}"
+    if target == "timm":
+        if not isinstance(bottom, TimmBackbone):
+            raise IncompatibleWeightsError(f"{holds}, but the model's backbone is {type(bottom).__name__}")
+        if bottom.arch != arch:
+            raise IncompatibleWeightsError(
+                f"{holds}, but the model is built with MODEL.TIMM.ARCH {bottom.arch}; use the config for {arch} "
+                f"or convert a {bottom.arch} checkpoint"
+            )
+        norm = bottom.norm
+    elif target == "resnet":
+        if not isinstance(bottom, ResNet):
+            raise IncompatibleWeightsError(f"{holds}, but the model's backbone is {type(bottom).__name__}")
+        kind, blocks = _LAYOUT_OF[arch]
+        model_kind = "bottleneck" if isinstance(bottom.stages[0][0], BottleneckBlock) else "basic"
+        model_blocks = tuple(len(stage) for stage in bottom.stages)
+        if model_kind != kind or model_blocks != blocks[: len(model_blocks)]:
+            n = len(model_blocks)  # 3 stages in a C4 backbone (res5 is in the ROI head), 4 with FPN
+            same = [a for (k, b), a in RESNET_LAYOUTS.items() if k == model_kind and b[:n] == model_blocks]
+            model_arch = same[0] if same else "a different ResNet"
+            raise IncompatibleWeightsError(
+                f"{holds}, but the model's ResNet is {model_arch} ({model_kind} blocks {model_blocks}); "
+                f"set MODEL.RESNETS.DEPTH {RESNET_DEPTHS[arch]} or convert a {model_arch} checkpoint"
+            )
+        norm = "GN" if any(isinstance(m, nn.GroupNorm) for m in bottom.modules()) else "BN"
+    else:
+        raise IncompatibleWeightsError(f"{path} names an unknown target {target!r}; convert it again")
+    if norm == "GN":
+        raise IncompatibleWeightsError(
+            f"{path} holds BatchNorm statistics, which GroupNorm cannot use: loading it into a GN backbone would "
+            "start from different features than the pretrained ones. Use NORM SyncBN (or BN / FrozenBN) for a "
+            "pretrained backbone; GN is for training from scratch (MODEL.WEIGHTS '')"
+        )
+
+
+def _pretrained(key: str, target: str) -> bool:
+    """Whether a model key is one a converted file of ``target`` must fill."""
+    if key.endswith("num_batches_tracked"):  # a counter, and FrozenBN has none
+        return False
+    if target == "timm":
+        return key.startswith(TIMM_PREFIX)
+    # C4 keeps res5's blocks in the ROI head; its extra norm (roi_heads.res5.norm) is new.
+    in_resnet = re.search(r"(^|\.)(stem|res[2-5]\.\d+)\.", key) is not None
+    return in_resnet and key.startswith(("backbone.", "roi_heads.res5."))
+
+
+class RetroCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer that refuses a converted backbone that does not fully fit the model.
+
+    Files without the ``retro_transfer`` entry (Detectron2 checkpoints,
+    model-zoo files, this trainer's own ``model_final.pth``) load exactly as
+    with ``DetectionCheckpointer``.
+    """
+
+    _path = "MODEL.WEIGHTS"
+
+    def _load_file(self, filename):
+        self._path = filename
+        return super()._load_file(filename)
+
+    def _load_model(self, checkpoint):
+        meta = checkpoint.get(META_KEY)
+        if isinstance(meta, Mapping):
+            check_model_matches(self.model, meta, self._path)
+        incompatible = super()._load_model(checkpoint)
+        if isinstance(meta, Mapping):
+            missing = [k for k in incompatible.missing_keys if _pretrained(k, meta.get("target"))]
+            wrong = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
+            if missing or wrong:
+                raise IncompatibleWeightsError(
+                    f"the {meta.get('arch')} backbone in {self._path} does not fill the model's: "
+                    + (f"{len(missing)} backbone tensors missing (e.g. {', '.join(missing[:5])}) " if missing else "")
+                    + (f"shape mismatches: {'; '.join(wrong[:4])}" if wrong else "")
+                )
+        return incompatible
+
+
+def describe(weights: D2Weights, out: os.PathLike) -> List[str]:
+    """How to use a converted file: the config keys that match it."""
+    use = _config_for({"arch": weights.arch, "target": weights.target})
+    lines = [f"wrote {out}: {len(weights.model)} tensors in Detectron2's format for {use}"]
+    if weights.target == "resnet":
+        lines.append("names match Detectron2's ResNet by suffix (matching_heuristics), for C4 and FPN alike")
+    return lines
