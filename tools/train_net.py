@@ -13,40 +13,25 @@ with COCOEvaluator.
 
 import os
 import sys
-import weakref
 
 from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
 from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_setup, launch  # noqa: E402
+from detectron2.engine import default_setup, launch  # noqa: E402
 
+from retro_transfer.d2.train import RetroTrainer as Trainer  # noqa: E402
 from retro_transfer.d2 import (  # noqa: E402
     ConfigError,
     DatasetError,
     IncompatibleWeightsError,
     RetroCheckpointer,
     add_retro_config,
-    build_evaluator,
     check_config,
     check_datasets,
     register_shapes,
 )
-
-
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with this project's evaluators and a checkpointer that checks converted weights."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # Loading goes through self.checkpointer; the periodic-save hook keeps
-        # the plain DetectionCheckpointer it was built with, which saves the same.
-        self.checkpointer = RetroCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name):
-        return build_evaluator(dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name))
 
 
 def parser() -> OneLineErrorParser:

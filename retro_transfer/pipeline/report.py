@@ -19,7 +19,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return lines
@@ -94,7 +94,7 @@ def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[
     lines.append(f"Seed {preset['seed']}. Every number below comes from the stage records in this folder; "
                  "`DATA` stands for `data/shapes` in this folder. Re-running the pipeline skips stages whose output is up to date.")
     lines += ["", "## Stages", ""]
-    lines += _table(["stage", "seconds", "command"], [[name, r["seconds"], f"`{r['command']}`"] for name, r in records.items()])
+    lines += markdown_table(["stage", "seconds", "command"], [[name, r["seconds"], f"`{r['command']}`"] for name, r in records.items()])
 
     distill_rows = []
     for method in METHODS:
@@ -107,7 +107,7 @@ def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[
     if distill_rows:
         lines += ["", "## Distillation", "", f"Teacher: {records['teacher']['metrics']['arch']} pretrained with MoCo v2 for "
                   f"{records['teacher']['metrics']['steps']} steps. Final training losses:", ""]
-        lines += _table(["method", "student", "steps", "loss", "terms", "img/s"], distill_rows)
+        lines += markdown_table(["method", "student", "steps", "loss", "terms", "img/s"], distill_rows)
         lines += ["", f"![losses]({loss_figure(out, records).name})"]
 
     rows = evaluation_rows(records)
@@ -115,7 +115,7 @@ def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[
         lines += ["", "## Frozen-feature evaluation", "",
                   f"Linear probe on features computed once (centre crop, {preset['probe_epochs']} epochs, lr {preset['probe_lr']}) "
                   f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split.", ""]
-        lines += _table(["model (features)", "linear top-1", "linear top-5", "k-NN top-1"], rows)
+        lines += markdown_table(["model (features)", "linear top-1", "linear top-5", "k-NN top-1"], rows)
         lines += ["", f"![accuracy]({accuracy_figure(out, rows).name})"]
     for section in sections:
         lines += ["", section]

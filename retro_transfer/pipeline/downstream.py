@@ -1,0 +1,184 @@
+"""Pipeline stages after distillation: convert students, fine-tune detection and segmentation, draw predictions.
+
+Each downstream task is fine-tuned three times at the same budget: from the
+Retro student, from the MoCo-v2-alone student (the baseline) and from random
+initialisation, so the report shows what the distilled weights are worth.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from retro_transfer.convert import read_backbone
+
+from .runner import Context, Stage
+from .upstream import data_dir, student_file
+
+TRANSFERRED = ("retro", "moco_v2")
+INITS = TRANSFERRED + ("random",)
+DETECTION_CONFIG = "configs/detection/shapes_frcnn_effb0.yaml"
+
+
+def d2_weights_file(ctx: Context, method: str) -> Path:
+    return ctx.folder(f"convert_{method}") / "student_d2.pkl"
+
+
+def mmseg_weights_file(ctx: Context, method: str) -> Path:
+    return ctx.folder(f"convert_{method}") / "student_mmseg.pth"
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+
+def _convert(method: str):
+    def run(ctx: Context, folder: Path) -> Dict:
+        from retro_transfer.checkpoints import save_atomic
+        from retro_transfer.d2.weights import save_d2, to_detectron2
+        from retro_transfer.mmseg.conversion import to_mmseg
+
+        source = read_backbone(student_file(ctx, method))
+        d2 = to_detectron2(source)
+        save_d2(d2, d2_weights_file(ctx, method))
+        checkpoint, converted, mmseg_source = to_mmseg(source)
+        save_atomic(checkpoint, mmseg_weights_file(ctx, method))
+        return {"arch": source.arch, "d2_tensors": sum(d2.groups().values()), "mmseg_tensors": sum(converted.values()),
+                "dropped_tensors": sum(mmseg_source.dropped.values())}
+
+    return run
+
+
+def _convert_command(method: str):
+    def command(ctx: Context, folder: Path) -> str:
+        ckpt = student_file(ctx, method)
+        return (f"python tools/convert_to_d2.py {ckpt} {d2_weights_file(ctx, method)} && "
+                f"python tools/convert_to_mmseg.py {ckpt} {mmseg_weights_file(ctx, method)}")
+
+    return command
+
+
+# -- detection ------------------------------------------------------------------------------
+
+
+def _detection_opts(ctx: Context, folder: Path, init: str) -> List[str]:
+    p = ctx.preset
+    iters = p["det_iters"]
+    weights = str(d2_weights_file(ctx, init)) if init != "random" else ""
+    side = p["image_side"]
+    return [
+        "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(folder), "DATASETS.SHAPES_ROOT", str(data_dir(ctx)),
+        "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)},)",
+        "SOLVER.WARMUP_ITERS", str(max(1, iters // 10)), "SOLVER.IMS_PER_BATCH", str(p["det_batch"]),
+        "SOLVER.BASE_LR", str(p["det_lr"]), "SOLVER.CHECKPOINT_PERIOD", str(iters * 10),
+        "INPUT.MIN_SIZE_TRAIN", f"({side},)", "INPUT.MAX_SIZE_TRAIN", str(2 * side),
+        "INPUT.MIN_SIZE_TEST", str(side), "INPUT.MAX_SIZE_TEST", str(2 * side),
+        "DATALOADER.NUM_WORKERS", str(p["workers"]), "SEED", str(p["seed"]),
+    ]
+
+
+def _finite(value: float) -> float:
+    return float(value) if value is not None and math.isfinite(float(value)) else 0.0
+
+
+def _draw_detections(model, cfg, folder: Path, count: int = 4) -> Path:
+    """The first test images with predicted boxes (score >= 0.5) and class names, side by side."""
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from PIL import Image, ImageDraw
+
+    name = cfg.DATASETS.TEST[0]
+    classes = MetadataCatalog.get(name).thing_classes
+    panels = []
+    model.eval()
+    for record in DatasetCatalog.get(name)[:count]:
+        image = Image.open(record["file_name"]).convert("RGB")
+        # The model takes the config's format (RGB) as a CHW tensor at its own size.
+        tensor = torch.as_tensor(np.asarray(image).copy()).permute(2, 0, 1)
+        with torch.no_grad():
+            instances = model([{"image": tensor, "height": image.height, "width": image.width}])[0]["instances"]
+        draw = ImageDraw.Draw(image)
+        for box, score, label in zip(instances.pred_boxes.tensor.tolist(), instances.scores.tolist(), instances.pred_classes.tolist()):
+            if score >= 0.5:
+                draw.rectangle(box, outline=(255, 255, 0), width=1)
+                draw.text((box[0] + 1, box[1]), f"{classes[label]} {score:.2f}", fill=(255, 255, 0))
+        panels.append(image.resize((image.width * 2, image.height * 2)))
+    sheet = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)))
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width
+    path = folder / "predictions.png"
+    sheet.save(path)
+    return path
+
+
+def _detect(init: str):
+    def run(ctx: Context, folder: Path) -> Dict:
+        from detectron2.config import get_cfg
+
+        from retro_transfer.d2 import add_retro_config, check_config, register_shapes
+        from retro_transfer.d2.train import RetroTrainer
+
+        cfg = get_cfg()
+        add_retro_config(cfg)
+        cfg.merge_from_file(DETECTION_CONFIG)
+        cfg.merge_from_list(_detection_opts(ctx, folder, init))
+        register_shapes(cfg.DATASETS.SHAPES_ROOT)
+        check_config(cfg)
+        cfg.freeze()
+        trainer = RetroTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        results = trainer.train()
+        # DefaultTrainer.test unwraps the per-data-set level when there is one test set.
+        bbox = results["bbox"] if "bbox" in results else next(iter(results.values()))["bbox"]
+        _draw_detections(trainer.model, cfg, folder)
+        (folder / "model_final.pth").unlink(missing_ok=True)  # the metrics are the output; keep the disk small
+        return {"init": init, "iters": cfg.SOLVER.MAX_ITER, "AP": _finite(bbox["AP"]), "AP50": _finite(bbox["AP50"]),
+                "AP75": _finite(bbox["AP75"])}
+
+    return run
+
+
+def _detect_command(init: str):
+    def command(ctx: Context, folder: Path) -> str:
+        opts = " ".join(f"'{o}'" if (not o or " " in o) else o for o in _detection_opts(ctx, folder, init))
+        return f"python tools/train_net.py --config-file {DETECTION_CONFIG} {opts}"
+
+    return command
+
+
+def downstream_stages(preset: Dict) -> List[Stage]:
+    stages = []
+    for method in TRANSFERRED:
+        stages.append(Stage(f"convert_{method}", _convert(method), _convert_command(method),
+                            deps=(f"distill_{method}",), title=f"convert the {method} student to Detectron2 and MMSeg"))
+    for init in INITS:
+        deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
+        stages.append(Stage(f"det_{init}", _detect(init), _detect_command(init), deps=deps,
+                            title=f"Faster R-CNN on shapes-VOC from {init} initialisation"))
+    return stages
+
+
+def downstream_sections(records: Dict[str, Dict]) -> List[str]:
+    """Markdown for the report: one table per task, with the drawn predictions."""
+    from .report import markdown_table
+
+    sections = []
+    det = [records[f"det_{i}"]["metrics"] for i in INITS if f"det_{i}" in records]
+    if det:
+        lines = ["## Detection (Faster R-CNN FPN, shapes-VOC test)", "",
+                 f"Fine-tuned for {det[0]['iters']} iterations from each initialisation; PascalVOCDetectionEvaluator (AP over IoU 0.5:0.95, AP50, AP75).", ""]
+        lines += markdown_table(["initialisation", "AP", "AP50", "AP75"], [[m["init"], m["AP"], m["AP50"], m["AP75"]] for m in det])
+        lines += [""] + [f"![{i} detections](det_{i}/predictions.png) `{i}`" for i in INITS if f"det_{i}" in records]
+        sections.append("\n".join(lines))
+    seg = [records[f"seg_{i}"]["metrics"] for i in INITS if f"seg_{i}" in records]
+    if seg:
+        lines = ["## Semantic segmentation (FCN, shapes-VOC val)", "",
+                 f"Fine-tuned for {seg[0]['iters']} iterations from each initialisation; MMSeg's IoUMetric.", ""]
+        lines += markdown_table(["initialisation", "mIoU", "aAcc"], [[m["init"], m["mIoU"], m["aAcc"]] for m in seg])
+        lines += [""] + [f"![{i} segmentation](seg_{i}/predictions.png) `{i}`" for i in INITS if f"seg_{i}" in records]
+        sections.append("\n".join(lines))
+    return sections
