@@ -1,0 +1,118 @@
+"""What ``tools/train_seg.py`` and ``tools/test_seg.py`` share: read a config, build MMEngine's Runner.
+
+The Runner does the work (training loop, validation, checkpoints, resume,
+distributed launch); this module only turns command-line choices into config
+entries and checks the files a run needs before it spends minutes starting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner, find_latest_checkpoint
+
+from retro_transfer.checkpoints import CheckpointError
+
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
+_LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+
+
+def load_config(
+    path: os.PathLike,
+    cfg_options: Optional[Mapping] = None,
+    work_dir: Optional[os.PathLike] = None,
+    launcher: str = "none",
+) -> Config:
+    """The config at ``path`` with ``--cfg-options`` merged, a work dir and the launcher set.
+
+    The work dir defaults to ``work_dirs/<config name>`` (MMSeg's convention).
+    A distributed launch needs GPUs: MMEngine's set-up pins each process to one.
+    A data loader with no worker processes gets ``persistent_workers=False``
+    (PyTorch refuses the combination), so ``num_workers=0`` is one option.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} does not exist (configs live in configs/segmentation/)")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    if launcher != "none" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--launcher {launcher} needs GPUs (MMEngine's distributed set-up calls torch.cuda.set_device); "
+            "on a CPU, train in one process without --launcher"
+        )
+    cfg = Config.fromfile(str(path))
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = str(work_dir)
+    elif cfg.get("work_dir") is None:
+        cfg.work_dir = str(Path("work_dirs") / path.stem)
+    for name in _LOADERS:
+        loader = cfg.get(name)
+        if loader is not None and loader.get("num_workers", 0) == 0:
+            loader["persistent_workers"] = False
+    return cfg
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Fail before the Runner starts if the backbone's pretrained file is not there."""
+    init_cfg = cfg.model.get("backbone", {}).get("init_cfg")
+    if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained":
+        return
+    checkpoint = init_cfg.get("checkpoint")
+    if not checkpoint:
+        raise CheckpointError(
+            "the config's backbone has no pretrained checkpoint; pass --cfg-options "
+            "model.backbone.init_cfg.checkpoint=STUDENT_MMSEG.pth (from tools/convert_to_mmseg.py), "
+            "or model.backbone.init_cfg=None to train from random initialisation"
+        )
+    if "://" not in str(checkpoint) and not Path(checkpoint).is_file():
+        raise CheckpointError(
+            f"backbone checkpoint {checkpoint} does not exist (model.backbone.init_cfg.checkpoint); "
+            "write it with tools/convert_to_mmseg.py STUDENT.pth OUT.pth"
+        )
+
+
+def set_resume(cfg: Config, resume: Optional[str]) -> None:
+    """``resume='auto'``: the latest checkpoint in the work dir; otherwise the given file."""
+    if resume is None:
+        return
+    cfg.resume = True
+    if resume == "auto":
+        cfg.load_from = None
+        return
+    if not Path(resume).is_file():
+        raise CheckpointError(f"checkpoint to resume from {resume} does not exist")
+    cfg.load_from = str(resume)
+
+
+def resolve_checkpoint(cfg: Config, checkpoint: Optional[str]) -> str:
+    """The checkpoint to evaluate: the one given, else the latest in the work dir."""
+    if checkpoint is None:
+        checkpoint = find_latest_checkpoint(cfg.work_dir)
+        if checkpoint is None:
+            raise CheckpointError(f"no checkpoint in {cfg.work_dir} to evaluate; pass one with --checkpoint")
+    elif "://" not in str(checkpoint) and not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    return str(checkpoint)
+
+
+def train(cfg: Config) -> Runner:
+    """Train (and validate every ``val_interval``) as the config says; returns the Runner."""
+    check_pretrained(cfg)  # the Runner initialises the backbone even when it then resumes
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner
+
+
+def test(cfg: Config, checkpoint: str) -> dict:
+    """Evaluate ``checkpoint`` (a Runner checkpoint) on the config's test set; returns the metrics."""
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    runner = Runner.from_cfg(cfg)
+    return dict(runner.test())

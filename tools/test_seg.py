@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Evaluate a trained MMSegmentation checkpoint (mIoU) with MMEngine's Runner.
+
+    python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--out metrics.json]
+        [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+
+CHECKPOINT is a checkpoint tools/train_seg.py wrote (``work_dirs/<config>/iter_N.pth``);
+it is read with ``weights_only`` loading. The metrics are printed as one JSON
+line, and written to ``--out`` when given.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from mmengine.config import DictAction
+
+from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the config the checkpoint was trained with")
+    parser.add_argument("checkpoint", help="a Runner checkpoint (iter_N.pth)")
+    parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")
+    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                        help="override config entries, e.g. test_dataloader.dataset.data_root=DIR")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.mmseg import launch
+
+    try:
+        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    line = json.dumps(metrics, sort_keys=True, default=float)
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
