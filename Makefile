@@ -8,16 +8,16 @@ PIP := $(PY) -m pip
 # The tested pair; they install from local files on the project's machines.
 # Bring your own build with `make setup TORCH=` (empty: keep what is installed).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-DATA ?= data/shapes
+DEMO_OUT ?= runs/demo
 STAMP := $(VENV)/.retro-transfer-setup
 SETUP_INPUTS := Makefile setup.py tools/install_detectron2.py retro_transfer/compat/mmcv_ops.py
 
-.PHONY: help setup demo test clean-data
+.PHONY: help setup demo test clean-demo
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make setup   create $(VENV) and install everything (torch, timm, Detectron2, MMSeg)"
-	@echo "make demo    the main job on generated shapes data (in $(DATA))"
+	@echo "make demo    the main job: shapes data -> teacher -> 4 distilled students -> detection and segmentation -> $(DEMO_OUT)/report.md"
 	@echo "make test    the test suite (CPU)"
 
 setup: $(STAMP)
@@ -34,14 +34,12 @@ $(STAMP): $(SETUP_INPUTS)
 	@touch $@
 	@echo "set-up complete: $(VENV)"
 
-demo: setup $(DATA)/shapes.json
-	@echo "shapes data set ready in $(DATA) (VOC layout: $(DATA)/VOC2007, ImageFolder: $(DATA)/classification, unlabeled: $(DATA)/unlabeled)"
-
-$(DATA)/shapes.json:
-	$(PY) tools/make_shapes.py --out $(DATA)
+demo: setup
+	$(PY) tools/pipeline.py --preset default --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.md"
 
 test: setup
 	$(PY) -m pytest
 
-clean-data:
-	rm -rf $(DATA)
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -150,6 +150,85 @@ def _detect_command(init: str):
     return command
 
 
+# -- segmentation ---------------------------------------------------------------------------
+
+SEGMENTATION_CONFIG = "configs/segmentation/shapes_fcn_effb0.py"
+
+
+def _segmentation_options(ctx: Context, folder: Path, init: str) -> Dict:
+    p = ctx.preset
+    iters = p["seg_iters"]
+    voc = str(data_dir(ctx) / "VOC2007")
+    options = {
+        "train_cfg.max_iters": iters,
+        "train_cfg.val_interval": iters + 1,  # validated once, after training, by the stage itself
+        "param_scheduler.0.end": iters,
+        "default_hooks.checkpoint.interval": iters,
+        "default_hooks.logger.interval": max(1, iters // 10),
+        "train_dataloader.batch_size": p["seg_batch"],
+        "randomness.seed": p["seed"],
+    }
+    # The configs initialise the backbone from init_cfg (type Pretrained); random init drops it.
+    if init == "random":
+        options["model.backbone.init_cfg"] = None
+    else:
+        options["model.backbone.init_cfg.checkpoint"] = str(mmseg_weights_file(ctx, init))
+    for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        options[f"{loader}.dataset.data_root"] = voc
+        options[f"{loader}.num_workers"] = p["workers"]
+    return options
+
+
+def _draw_segmentation(runner, folder: Path, count: int = 4) -> Path:
+    """Image | ground truth | prediction for the first validation images, in VOC colours."""
+    import torch
+    from mmengine.dataset import pseudo_collate
+    from PIL import Image
+
+    from retro_transfer.data.shapes import VOID, voc_palette
+
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(-1, 3)
+    dataset = runner.val_dataloader.dataset
+    rows = []
+    runner.model.eval()
+    for index in range(min(count, len(dataset))):
+        with torch.no_grad():
+            sample = runner.model.test_step(pseudo_collate([dataset[index]]))[0]
+        image = np.asarray(Image.open(sample.img_path).convert("RGB"))
+        truth = sample.gt_sem_seg.data[0].cpu().numpy().astype(np.int64)
+        pred = sample.pred_sem_seg.data[0].cpu().numpy().astype(np.int64)
+        size = (image.shape[1], image.shape[0])
+        panels = [image] + [np.asarray(Image.fromarray(palette[m % 256]).resize(size, Image.NEAREST)) for m in (truth, pred)]
+        rows.append(np.concatenate(panels, axis=1))
+    sheet = Image.fromarray(np.concatenate(rows, axis=0))
+    path = folder / "predictions.png"
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(path)
+    return path
+
+
+def _segment(init: str):
+    def run(ctx: Context, folder: Path) -> Dict:
+        from retro_transfer.mmseg import launch
+
+        cfg = launch.load_config(SEGMENTATION_CONFIG, _segmentation_options(ctx, folder, init), work_dir=folder)
+        runner = launch.train(cfg)
+        metrics = runner.val()
+        _draw_segmentation(runner, folder)
+        for checkpoint in folder.glob("iter_*.pth"):
+            checkpoint.unlink()  # the metrics are the output; keep the disk small
+        return {"init": init, "iters": ctx.preset["seg_iters"], "mIoU": _finite(metrics["mIoU"]), "aAcc": _finite(metrics["aAcc"])}
+
+    return run
+
+
+def _segment_command(init: str):
+    def command(ctx: Context, folder: Path) -> str:
+        options = " ".join(f"{k}={v}" for k, v in _segmentation_options(ctx, folder, init).items())
+        return f"python tools/train_seg.py {SEGMENTATION_CONFIG} --work-dir {folder} --cfg-options {options}"
+
+    return command
+
+
 def downstream_stages(preset: Dict) -> List[Stage]:
     stages = []
     for method in TRANSFERRED:
@@ -159,6 +238,10 @@ def downstream_stages(preset: Dict) -> List[Stage]:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
         stages.append(Stage(f"det_{init}", _detect(init), _detect_command(init), deps=deps,
                             title=f"Faster R-CNN on shapes-VOC from {init} initialisation"))
+    for init in INITS:
+        deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
+        stages.append(Stage(f"seg_{init}", _segment(init), _segment_command(init), deps=deps,
+                            title=f"FCN segmentation on shapes-VOC from {init} initialisation"))
     return stages
 
 

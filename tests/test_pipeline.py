@@ -1,0 +1,73 @@
+"""The smoke preset of the end-to-end pipeline: every stage runs, reports finite numbers, and resumes."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "pipeline.py"), "--preset", "smoke", "--out", str(out), *extra],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _numbers(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    result = _pipeline(out)
+    return out, result
+
+
+def _ran(stdout: str):
+    return sorted(line.split("]")[1].split(":")[0].strip() for line in stdout.splitlines() if line.endswith(" s") and ": done in " in line)
+
+
+def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
+    out, _ = smoke_run
+    summary = json.loads((out / "summary.json").read_text())
+    stages = summary["stages"]
+    for name in ["data", "teacher", "distill_moco_v2", "distill_seed", "distill_disco", "distill_retro",
+                 "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro"]:
+        assert name in stages, f"stage {name} missing from summary.json"
+    for name, stage in stages.items():
+        numbers = list(_numbers(stage["metrics"]))
+        assert numbers, f"stage {name} recorded no metrics"
+        assert all(math.isfinite(v) for v in numbers), f"stage {name} has a non-finite metric: {stage['metrics']}"
+        assert stage["command"].startswith("python tools/"), stage["command"]
+    assert set(stages["eval_retro"]["metrics"]) == {"backbone", "adapter"}
+    report = (out / "report.md").read_text()
+    assert "## Distillation" in report and "## Frozen-feature evaluation" in report
+    for figure in ("loss_curves.png", "accuracy.png"):
+        assert (out / figure).stat().st_size > 1000
+
+
+def test_rerun_skips_and_a_deleted_stage_redoes_only_itself_and_later(smoke_run):
+    out, _ = smoke_run
+    again = _pipeline(out)
+    assert _ran(again.stdout) == [], "a re-run redid finished stages"
+    shutil.rmtree(out / "distill_seed")
+    partial = _pipeline(out)
+    assert _ran(partial.stdout) == ["distill_seed", "eval_seed"]
