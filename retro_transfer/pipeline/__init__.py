@@ -17,6 +17,6 @@ PRESETS = {
         seed=0, num_images=300, image_side=96, crop=48, workers=1,
         teacher_arch="resnet18", teacher_steps=100, distill_steps=60, batch_size=32, queue_size=256,
         knn_k=20, probe_epochs=60, probe_lr=1.0,
-        det_iters=120, det_batch=4, det_lr=0.01, seg_iters=120, seg_batch=4,
+        det_iters=100, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4,
     ),
 }

@@ -3,7 +3,8 @@
 A stage writes its outputs to ``OUT/<stage>/`` and, last of all, a record
 ``OUT/<stage>/stage.json`` (atomically) with its metrics, the command that
 reproduces it, how long it took, and the run ids of the stages it read. A stage
-is up to date when its record exists and names the current run ids of its
+is up to date when its record exists, holds the command the stage would run
+now (so a changed setting redoes it), and names the current run ids of its
 dependencies: deleting a stage's folder therefore redoes that stage and,
 through the changed run id, every stage after it, and nothing else.
 """
@@ -90,8 +91,10 @@ def run_pipeline(
         folder = ctx.folder(stage.name)
         record = read_record(folder)
         inputs = {dep: ctx.records[dep]["run_id"] for dep in stage.deps}
+        command = stage.command(ctx, folder)
         forced = "all" in force or stage.name in force
-        if record is not None and record.get("inputs") == inputs and not forced:
+        # Up to date: same inputs and same command (a changed setting changes the command).
+        if record is not None and record.get("inputs") == inputs and record.get("command") == command and not forced:
             ctx.records[stage.name] = record
             log(f"[{index}/{total}] {stage.name}: up to date ({record['seconds']:.1f} s when it ran), skipped")
             continue
@@ -106,7 +109,7 @@ def run_pipeline(
             "stage": stage.name,
             "run_id": uuid.uuid4().hex,
             "inputs": inputs,
-            "command": stage.command(ctx, folder),
+            "command": command,
             "seconds": round(seconds, 2),
             "metrics": metrics,
         }
