@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= runs/demo
 STAMP := $(VENV)/.retro-transfer-setup
-SETUP_INPUTS := Makefile setup.py tools/install_detectron2.py retro_transfer/compat/mmcv_ops.py
+SETUP_INPUTS := Makefile setup.py tools/install_detectron2.py retro_transfer/compat/mmcv_ops.py retro_transfer/compat/__main__.py
 
 .PHONY: help setup demo test clean-demo
 .DEFAULT_GOAL := help
@@ -28,7 +28,7 @@ $(STAMP): $(SETUP_INPUTS)
 	$(if $(strip $(TORCH)),$(PIP) install -q $(TORCH))
 	$(PIP) install -q -e ".[all]"
 	$(PY) tools/install_detectron2.py
-	$(PY) -m retro_transfer.compat.mmcv_ops --install-pth
+	$(PY) -m retro_transfer.compat --install-pth
 	$(PY) -c "import detectron2, mmseg.models, retro_transfer, distill" 2>/dev/null \
 		|| { echo "set-up finished but the core imports fail; run: $(PY) -c 'import detectron2, mmseg.models'"; exit 1; }
 	@touch $@

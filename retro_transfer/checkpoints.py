@@ -20,7 +20,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -109,8 +109,8 @@ def _refused_message(path: Path, error: Exception) -> str:
     )
 
 
-def save_atomic(obj: object, path: PathLike) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
+def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, BinaryIO], None]] = None) -> None:
+    """``torch.save`` (or another ``dump(obj, file)``) that never leaves a partial file at ``path``.
 
     The data goes to a temporary file in the same directory (so the rename
     stays on one file system), is flushed to disk, and then replaces ``path``
@@ -124,7 +124,7 @@ def save_atomic(obj: object, path: PathLike) -> None:
         # os.open with an explicit mode lets the umask apply, as for a plain open().
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            (dump or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

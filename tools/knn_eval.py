@@ -18,30 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import (
+    OneLineErrorParser,
+    fail,
+    keep_tools_dir_off_path,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="backbone",
         help="use the pooled backbone (default) or the Retro adapter output",
     )
-    parser.add_argument("--k", type=_positive_int, default=200, help="neighbours (default %(default)s; 20 is also used)")
-    parser.add_argument("--temperature", type=_positive_float, default=0.07, help="vote weight exp(sim/T) (default %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="default %(default)s")
-    parser.add_argument("--image-size", type=_positive_int, default=224, help="crop size in pixels (default %(default)s)")
-    parser.add_argument("--workers", type=_non_negative_int, default=4, help="data-loading processes (default %(default)s)")
+    parser.add_argument("--k", type=positive_int, default=200, help="neighbours (default %(default)s; 20 is also used)")
+    parser.add_argument("--temperature", type=positive_float, default=0.07, help="vote weight exp(sim/T) (default %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
     parser.add_argument("--out", help="write metrics, checkpoint info and arguments to this JSON file")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     return parser

@@ -21,37 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import (
+    OneLineErrorParser,
+    fail,
+    keep_tools_dir_off_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="backbone",
         help="probe the pooled backbone (default) or the Retro adapter output",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=100, help="default %(default)s (MoCo)")
-    parser.add_argument("--lr", type=_positive_float, default=30.0, help="default %(default)s (MoCo; DisCo uses 3.0)")
-    parser.add_argument("--momentum", type=_non_negative_float, default=0.9, help="default %(default)s")
-    parser.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="default %(default)s")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="default %(default)s")
-    parser.add_argument("--image-size", type=_positive_int, default=224, help="crop size in pixels (default %(default)s)")
-    parser.add_argument("--workers", type=_non_negative_int, default=4, help="data-loading processes (default %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=100, help="default %(default)s (MoCo)")
+    parser.add_argument("--lr", type=positive_float, default=30.0, help="default %(default)s (MoCo; DisCo uses 3.0)")
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="default %(default)s")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="default %(default)s")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
     parser.add_argument(
         "--precompute",
         action="store_true",

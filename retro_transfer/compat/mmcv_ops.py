@@ -21,8 +21,7 @@ through the ``.pth`` hook, so torch is imported only when ``mmcv.ops`` is.
 
 Activation: :func:`install` adds a meta-path finder that answers only for
 ``mmcv.ops``; ``retro_transfer.mmseg`` calls it on import, and ``make setup``
-writes a one-line ``.pth`` (``python -m retro_transfer.compat.mmcv_ops
---install-pth``) so that a bare ``import mmseg.models`` works in the venv too.
+writes a one-line ``.pth`` (``python -m retro_transfer.compat --install-pth``) so that a bare ``import mmseg.models`` works in the venv too.
 """
 
 from __future__ import annotations
@@ -104,9 +103,3 @@ def _install_pth() -> Path:
     )
     return target
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--install-pth"]:
-        print(f"mmcv.ops stand-in hook written to {_install_pth()}")
-    else:
-        sys.exit("usage: python -m retro_transfer.compat.mmcv_ops --install-pth")

@@ -21,11 +21,9 @@ source), which :class:`RetroCheckpointer` compares with the model it loads
 into, so a file for the wrong architecture is an error, not a warning.
 """
 
-import contextlib
 import os
 import pickle
 import re
-import secrets
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BottleneckBlock, build_resnet_backbone
 
-from ..checkpoints import RESNET_LAYOUTS
+from ..checkpoints import RESNET_LAYOUTS, CheckpointError, save_atomic
 from ..convert import BackboneSource, ConversionError, check_complete
 from .backbone import TimmBackbone, feature_levels
 from .config import ConfigError
@@ -175,19 +173,10 @@ def save_d2(weights: D2Weights, out: os.PathLike) -> None:
             "source": weights.source,
         },
     }
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(tmp, "xb") as f:
-            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ConversionError(f"cannot write {out}: {e}") from e
-        raise
+        save_atomic(obj, out, dump=lambda o, f: pickle.dump(o, f, protocol=pickle.HIGHEST_PROTOCOL))
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- loading
