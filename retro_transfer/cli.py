@@ -63,3 +63,18 @@ def non_negative_float(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
     return value
+
+
+def add_evaluation_inputs(parser: argparse.ArgumentParser) -> None:
+    """The arguments the linear-probe and k-NN tools share: what to evaluate, on what data, how it is loaded."""
+    parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
+    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument(
+        "--features",
+        choices=("backbone", "adapter"),
+        default="backbone",
+        help="use the pooled backbone (default) or the Retro adapter output",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")

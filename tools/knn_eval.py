@@ -20,9 +20,9 @@ from pathlib import Path
 
 from retro_transfer.cli import (
     OneLineErrorParser,
+    add_evaluation_inputs,
     fail,
     keep_tools_dir_off_path,
-    non_negative_int,
     positive_float,
     positive_int,
 )
@@ -32,19 +32,9 @@ keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill p
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
-    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
-    parser.add_argument(
-        "--features",
-        choices=("backbone", "adapter"),
-        default="backbone",
-        help="use the pooled backbone (default) or the Retro adapter output",
-    )
+    add_evaluation_inputs(parser)
     parser.add_argument("--k", type=positive_int, default=200, help="neighbours (default %(default)s; 20 is also used)")
     parser.add_argument("--temperature", type=positive_float, default=0.07, help="vote weight exp(sim/T) (default %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
-    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
-    parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
     parser.add_argument("--out", help="write metrics, checkpoint info and arguments to this JSON file")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     return parser

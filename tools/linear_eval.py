@@ -23,10 +23,10 @@ from pathlib import Path
 
 from retro_transfer.cli import (
     OneLineErrorParser,
+    add_evaluation_inputs,
     fail,
     keep_tools_dir_off_path,
     non_negative_float,
-    non_negative_int,
     positive_float,
     positive_int,
 )
@@ -36,21 +36,11 @@ keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill p
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
-    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
-    parser.add_argument(
-        "--features",
-        choices=("backbone", "adapter"),
-        default="backbone",
-        help="probe the pooled backbone (default) or the Retro adapter output",
-    )
+    add_evaluation_inputs(parser)
     parser.add_argument("--epochs", type=positive_int, default=100, help="default %(default)s (MoCo)")
     parser.add_argument("--lr", type=positive_float, default=30.0, help="default %(default)s (MoCo; DisCo uses 3.0)")
     parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="default %(default)s")
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="default %(default)s")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
-    parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
-    parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
     parser.add_argument(
         "--precompute",
         action="store_true",
