@@ -43,8 +43,11 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """All ranks' ``tensor`` concatenated along dim 0, in rank order (no gradient)."""
     if not is_distributed():
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
+    # Contiguous buffers and input: ``empty_like`` would copy a channels_last
+    # layout, and NCCL's all_gather writes raw row-major bytes into it.
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor, memory_format=torch.contiguous_format) for _ in range(world_size())]
+    dist.all_gather(gathered, tensor)
     return torch.cat(gathered, dim=0)
 
 
@@ -53,8 +56,9 @@ def batch_shuffle(x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]
     """Shuffle a batch across ranks (MoCo's shuffling BN, He et al., 2020, section 3.3).
 
     Returns this rank's share of the shuffled global batch and the index that
-    undoes it. In one process there is nothing to shuffle across (BN sees the
-    whole batch either way), so the batch comes back unchanged with ``None``.
+    undoes it. In one process there is nothing to shuffle across, so the batch
+    comes back unchanged with ``None`` (one process uses split BN instead:
+    ``DistillMethod.keys``).
     """
     if not is_distributed():
         return x, None

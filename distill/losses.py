@@ -1,7 +1,15 @@
 """The loss terms of the distillation methods, as small pure functions.
 
 All embeddings passed in are already L2-normalised. ``queue`` is (K, D).
+
+Every loss is computed in float32 with autocast off, whatever precision the
+networks ran in: under bf16 autocast ``q @ queue.t()`` would otherwise run in
+bf16 (8 bits of mantissa), and dividing by a small temperature turns that
+rounding into large logit errors (SEED's teacher logits at tau_T = 0.01 move by
+up to 0.3; at the released code's 1e-4, by up to 25).
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -9,19 +17,37 @@ import torch.nn.functional as F
 MSE_REDUCTIONS = ("batch_mean", "sum")
 
 
+def full_precision(fn):
+    """Run ``fn`` with autocast disabled and its tensor arguments cast to float32."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = next(a for a in args if torch.is_tensor(a)).device.type
+        with torch.autocast(device_type, enabled=False):
+            return fn(*(a.float() if torch.is_tensor(a) else a for a in args), **kwargs)
+
+    return wrapper
+
+
+@full_precision
+def similarity_logits(x: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[x.positive, x.queue^T] / tau``: (B, 1 + K) logits with the positive pair at index 0."""
+    return torch.cat([(x * positive).sum(dim=1, keepdim=True), x @ queue.t()], dim=1) / temperature
+
+
+@full_precision
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo's InfoNCE (He et al., 2020, eq. 1): the positive ``k`` against ``queue`` negatives.
 
     logits = [q.k, q.queue^T] / tau, cross-entropy with the positive at index 0,
     averaged over the batch.
     """
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue.t()
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    logits = similarity_logits(q, k, queue, temperature)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels)
 
 
+@full_precision
 def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_student: float, tau_teacher: float) -> torch.Tensor:
     """SEED (Fang et al., 2021, eq. 4): soft cross-entropy between similarity distributions.
 
@@ -29,12 +55,11 @@ def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_student
     compared with [t; queue]; the teacher's softmax (temperature tau_T) is the
     target for the student's log-softmax (temperature tau_S).
     """
-    anchors_s = torch.cat([(s * t).sum(dim=1, keepdim=True), s @ queue.t()], dim=1) / tau_student
-    anchors_t = torch.cat([(t * t).sum(dim=1, keepdim=True), t @ queue.t()], dim=1) / tau_teacher
-    target = F.softmax(anchors_t, dim=1)
-    return -(target * F.log_softmax(anchors_s, dim=1)).sum(dim=1).mean()
+    target = F.softmax(similarity_logits(t, t, queue, tau_teacher), dim=1)
+    return -(target * F.log_softmax(similarity_logits(s, t, queue, tau_student), dim=1)).sum(dim=1).mean()
 
 
+@full_precision
 def consistency_mse(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batch_mean") -> torch.Tensor:
     """DisCo's / Retro's consistency term: squared L2 distance between embeddings.
 

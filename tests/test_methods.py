@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 from distill.data import MultiViewImages, list_images, moco_v2_augmentation
-from distill.losses import consistency_mse, info_nce, seed_loss
+from distill.losses import consistency_mse, info_nce, seed_loss, similarity_logits
+from distill.methods.base import unit
 from distill.methods import SEED, DisCo, MoCoV2, Retro
 from distill.queue import EmbeddingQueue
 from retro_transfer.checkpoints import load_teacher
@@ -88,11 +89,44 @@ def _expected_key(mean_student, online_student, momentum, embed, x2):
         return embed(mean(x2))
 
 
+def _drift(*online_modules, scale=0.05):
+    """Move the online weights away from their mean copies.
+
+    Right after construction the mean copies equal the online weights, so an
+    EMA step is a no-op and a reference that skipped it (or a method whose mean
+    head never updates) would compute the same keys.
+    """
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for module in online_modules:
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_moco_v2_loss_equals_its_formula():
+    torch.manual_seed(0)
+    method = MoCoV2(build_student("resnet18"), head_hidden=64, queue_size=8, momentum=0.9).train()
+    _drift(method.student, method.head)
+    x1, x2 = _views()
+    queue = method.queue.negatives().clone()
+    reference = copy.deepcopy(method)
+    with torch.no_grad():
+        q = _unit(reference.head(reference.student(x1).mean(dim=(2, 3))))
+        for pm, po in zip(reference.head_ema.parameters(), reference.head.parameters()):
+            pm.mul_(0.9).add_(po, alpha=0.1)
+        k = _expected_key(
+            reference.student_ema, reference.student, 0.9, lambda f: _unit(reference.head_ema(f.mean(dim=(2, 3)))), x2
+        )
+    torch.testing.assert_close(method(x1, x2)["loss"].detach(), info_nce(q, k, queue, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)  # k is what was enqueued
+
+
 def test_retro_loss_equals_its_formula(teacher):
     torch.manual_seed(0)
     method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9).train()
+    _drift(method.student)
     x1, x2 = _views()
-    queue = method.queue.snapshot()
+    queue = method.queue.negatives().clone()
     # BN in train mode normalises per call, so the reference calls the modules in the same order.
     reference = copy.deepcopy(method)
 
@@ -113,6 +147,7 @@ def test_retro_loss_equals_its_formula(teacher):
     torch.testing.assert_close(out["mse1"], expected_mse1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["mse2"], expected_mse2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"].detach(), expected_nce + expected_mse1 + expected_mse2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)
     # The second term really compares view 2 with view 2: with view 1 it would differ.
     assert not torch.allclose(expected_mse2, ((q - t2) ** 2).sum(1).mean())
 
@@ -120,8 +155,9 @@ def test_retro_loss_equals_its_formula(teacher):
 def test_disco_loss_equals_its_formula(teacher):
     torch.manual_seed(0)
     method = DisCo(build_student("resnet18"), teacher, head_hidden=64, queue_size=8, momentum=0.9).train()
+    _drift(method.student, method.head)
     x1, x2 = _views()
-    queue = method.queue.snapshot()
+    queue = method.queue.negatives().clone()
     reference = copy.deepcopy(method)
     with torch.no_grad():
         q = _unit(reference.head(reference.student(x1).mean(dim=(2, 3))))
@@ -134,20 +170,21 @@ def test_disco_loss_equals_its_formula(teacher):
     t1, t2 = _teacher_embedding(teacher, x1), _teacher_embedding(teacher, x2)
     expected = info_nce(q, k, queue, 0.2) + ((q - t1) ** 2).sum(1).mean() + ((q2 - t2) ** 2).sum(1).mean()
     torch.testing.assert_close(method(x1, x2)["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)
 
 
 def test_seed_loss_equals_its_formula_and_queues_teacher_embeddings(teacher):
     torch.manual_seed(0)
     method = SEED(build_student("resnet18"), teacher, queue_size=8, teacher_temperature=0.05).train()
     x1, _ = _views()
-    queue = method.queue.snapshot()
+    queue = method.queue.negatives().clone()
     reference = copy.deepcopy(method)
     with torch.no_grad():
         s = _unit(reference.head(reference.student(x1).mean(dim=(2, 3))))
     t = _teacher_embedding(teacher, x1)
     expected = seed_loss(s, t, queue, 0.2, 0.05)
     torch.testing.assert_close(method(x1, None)["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(method.queue.embeddings[:4], t)
+    torch.testing.assert_close(method.queue.negatives()[:4], t)
 
 
 # -- Retro's invariants -------------------------------------------------------------------
@@ -191,10 +228,10 @@ def test_queue_is_fifo():
     batches = [F.normalize(torch.randn(2, 2), dim=1) for _ in range(4)]
     for batch in batches[:3]:
         queue.enqueue(batch)
-    torch.testing.assert_close(queue.embeddings, torch.cat(batches[:3]))
+    torch.testing.assert_close(queue.negatives(), torch.cat(batches[:3]))
     assert int(queue.ptr) == 0
     queue.enqueue(batches[3])  # overwrites the oldest batch only
-    torch.testing.assert_close(queue.embeddings, torch.cat([batches[3], batches[1], batches[2]]))
+    torch.testing.assert_close(queue.negatives(), torch.cat([batches[3], batches[1], batches[2]]))
     with pytest.raises(ValueError, match="multiple of the global batch"):
         queue.enqueue(torch.randn(4, 2))
 
@@ -225,7 +262,7 @@ def test_retro_refuses_a_teacher_without_head():
 def _probe_loss(method, queue, probe):
     """The method's loss on fixed views against a fixed queue, on a throw-away copy."""
     trial = copy.deepcopy(method)
-    trial.queue.embeddings.copy_(queue)
+    trial.queue.negatives().copy_(queue)
     with torch.no_grad():
         return trial(*probe)["loss"].item()
 
@@ -251,7 +288,7 @@ def test_each_method_loss_falls_on_shapes(name, shapes_root, teacher):
         "retro": lambda: Retro(student, teacher, queue_size=16, momentum=0.99),
     }[name]().train()
     probe = views(0)
-    queue = method.queue.snapshot()
+    queue = method.queue.negatives().clone()
     before = _probe_loss(method, queue, probe)
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9)
     for step in range(24):
@@ -262,3 +299,136 @@ def test_each_method_loss_falls_on_shapes(name, shapes_root, teacher):
         optimizer.step()
     after = _probe_loss(method, queue, probe)
     assert after < 0.9 * before, f"{name}: probe loss {before:.4f} -> {after:.4f}"
+
+
+# -- one process: split BN for the key encoder ---------------------------------------------
+
+
+def test_split_bn_encodes_the_shuffled_keys_in_sub_batches():
+    """With bn_splits=2 in one process, k = unshuffle(cat(E(sub-batch) for each sub-batch of shuffle(x2))).
+
+    The key encoder then normalises each half with that half's statistics, as
+    two processes of MoCo's shuffle BN would, instead of with the query's batch.
+    """
+    torch.manual_seed(0)
+    method = MoCoV2(build_student("resnet18"), head_hidden=64, queue_size=16, momentum=0.9, bn_splits=2).train()
+    x1, x2 = _views(batch=8)
+    reference = copy.deepcopy(method)
+    embed = lambda f: _unit(reference.head_ema(f.mean(dim=(2, 3))))  # noqa: E731
+    torch.manual_seed(7)
+    method(x1, x2)
+    torch.manual_seed(7)
+    order = torch.randperm(8)
+    with torch.no_grad():
+        for pm, po in zip(reference.head_ema.parameters(), reference.head.parameters()):
+            pm.mul_(0.9).add_(po, alpha=0.1)
+        for pm, po in zip(reference.student_ema.parameters(), reference.student.parameters()):
+            pm.mul_(0.9).add_(po, alpha=0.1)
+        halves = [embed(reference.student_ema(part)) for part in x2[order].chunk(2)]
+        whole = embed(reference.student_ema(x2))
+    expected = torch.cat(halves)[torch.argsort(order)]
+    keys = method.queue.negatives()[:8]
+    torch.testing.assert_close(keys, expected, rtol=1e-5, atol=1e-6)
+    assert (keys - whole).abs().max() > 1e-3, "split BN must differ from one batch's statistics"
+
+
+# -- precision: losses in float32 under autocast -------------------------------------------
+
+
+def _unit_rows(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_logits_under_bf16_autocast_equal_float32():
+    """SEED's teacher logits at tau_T = 0.01: bf16 rounding of t.queue (~0.004) would move them by up to ~0.3."""
+    t, queue = _unit_rows(16, 128, 0), _unit_rows(4096, 128, 1)
+    queue[:16] = F.normalize(t + 0.05 * _unit_rows(16, 128, 2), dim=1)  # near-duplicates: the logits that matter
+    fp32 = similarity_logits(t, t, queue, 0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = similarity_logits(t, t, queue, 0.01)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("tau_teacher", [0.01, 1e-4])
+def test_losses_under_bf16_autocast_equal_float32(tau_teacher):
+    """Networks may run in bf16, the losses may not: SEED's logits / 0.01 in bf16 are off by ~0.3."""
+    # Trained embeddings are close to one another (the case that matters): rows near a few centres.
+    centres = _unit_rows(4, 128, 0)
+    near = lambda n, seed: F.normalize(centres[torch.arange(n) % 4] + 0.1 * _unit_rows(n, 128, seed), dim=1)  # noqa: E731
+    q, k, t, queue = near(16, 1), near(16, 2), near(16, 3), near(4096, 4)
+    fp32 = (info_nce(q, k, queue, 0.2), seed_loss(q, t, queue, 0.2, tau_teacher), consistency_mse(q, t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = (info_nce(q, k, queue, 0.2), seed_loss(q, t, queue, 0.2, tau_teacher), consistency_mse(q, t))
+        normalised = unit(torch.randn(4, 8))
+    for name, a, b in zip(("infonce", "seed", "mse"), fp32, bf16):
+        assert b.dtype == torch.float32, name
+        assert abs(a.item() - b.item()) < 1e-3, f"{name}: fp32 {a.item():.6f} vs bf16 autocast {b.item():.6f}"
+    assert normalised.dtype == torch.float32
+
+
+def test_seed_step_under_bf16_autocast_scores_in_float32(teacher):
+    """A whole SEED step under CPU bf16 autocast: its loss equals the float32 loss of the embeddings it made."""
+    torch.manual_seed(0)
+    method = SEED(build_student("resnet18"), teacher, queue_size=8, teacher_temperature=0.01).train()
+    x1, _ = _views()
+    queue = method.queue.negatives().clone()
+    captured = {}
+    method.head.register_forward_hook(lambda m, i, o: captured.setdefault("s", o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = method(x1, None)["loss"]
+    t = method.queue.negatives()[:4].clone()  # the teacher embeddings the step enqueued
+    expected = seed_loss(_unit(captured["s"].float()), t, queue, 0.2, 0.01)
+    assert abs(loss.item() - expected.item()) < 1e-3
+
+
+# -- the queue is scored in place, never copied ---------------------------------------------
+
+
+def test_a_step_allocates_no_copy_of_the_queue_and_keeps_exact_gradients():
+    """No tensor of the queue's size is made in a step (MoCo's clone() is 32 MiB a step at K = 65536).
+
+    The keys enter the queue at the next read, so backward still sees the
+    negatives the step scored against: the gradients equal those of a step
+    that scored a copy.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class QueueSizedAllocations(TorchDispatchMode):
+        """Names of the ops whose output is a new tensor as large as the queue (views of it do not count)."""
+
+        def __init__(self, queue):
+            super().__init__()
+            self.queue = queue  # held, so that no new tensor can take its freed address
+            self.shapes, self.storage = {tuple(queue.shape), tuple(queue.t().shape)}, queue.untyped_storage().data_ptr()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and tuple(t.shape) in self.shapes and t.untyped_storage().data_ptr() != self.storage:
+                    self.ops.append(str(func))
+            return out
+
+    torch.manual_seed(0)
+    method = MoCoV2(build_student("resnet18"), head_hidden=64, queue_size=4096, momentum=0.9).train()
+    twin = copy.deepcopy(method)
+    x1, x2 = _views()
+    method(x1, x2)  # a first step leaves keys waiting to be written
+    twin(x1, x2)
+    x1, x2 = _views(seed=1)
+    with QueueSizedAllocations(method.queue.embeddings) as seen:
+        loss = method(x1, x2)["loss"]
+        loss.backward()
+    assert not seen.ops, f"the step made queue-sized copies: {seen.ops}"
+
+    # The reference scores the same queue through a copy, then enqueues.
+    negatives = twin.queue.negatives().clone()
+    q = unit(twin.head(twin.student(x1).mean(dim=(2, 3))))
+    with torch.no_grad():
+        twin(x1, x2)  # advances the twin's mean student and queue exactly as the method did
+    k = twin.queue._pending
+    info_nce(q, k, negatives, 0.2).backward()
+    for (name, a), b in zip(method.named_parameters(), twin.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from retro_transfer.models import Student, Teacher
 
-from ..distributed import batch_shuffle, batch_unshuffle
+from ..distributed import batch_shuffle, batch_unshuffle, is_distributed
+from ..losses import full_precision
 
 
 def pooled(feature_map: torch.Tensor) -> torch.Tensor:
@@ -16,9 +17,10 @@ def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.mean(dim=(2, 3))
 
 
+@full_precision
 def unit(x: torch.Tensor) -> torch.Tensor:
-    """L2-normalised, in float32 so that losses are computed at full precision."""
-    return F.normalize(x.float(), dim=1)
+    """L2-normalised, in float32 with autocast off, so that losses are computed at full precision."""
+    return F.normalize(x, dim=1)
 
 
 class DistillMethod(nn.Module):
@@ -36,13 +38,19 @@ class DistillMethod(nn.Module):
     num_views = 2  # augmented views per image that forward() takes
 
     def __init__(
-        self, student: Student, teacher: Optional[Teacher] = None, teacher_bn_train: bool = False, shuffle_bn: bool = True
+        self,
+        student: Student,
+        teacher: Optional[Teacher] = None,
+        teacher_bn_train: bool = False,
+        shuffle_bn: bool = True,
+        bn_splits: int = 1,
     ) -> None:
         super().__init__()
         self.student = student
         self.teacher = teacher
         self.teacher_bn_train = teacher_bn_train
         self.shuffle_bn = shuffle_bn
+        self.bn_splits = bn_splits
         if teacher is not None:
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -58,6 +66,10 @@ class DistillMethod(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def monitored_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Features the online k-NN monitor scores: the student's pooled backbone features."""
+        return {"backbone": pooled(self.student(x))}
+
     def teacher_embeddings(self, *views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """t_i = n(H_T(T(x_i))) for each view, in one batch, without autograd."""
         with torch.inference_mode():
@@ -67,15 +79,26 @@ class DistillMethod(nn.Module):
 
     @torch.no_grad()
     def keys(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``encode(x)`` for the mean student, with MoCo's shuffling BN across processes.
+        """``encode(x)`` for the mean student, its BN statistics kept apart from the query's.
 
-        Shuffling keeps the key encoder's BN statistics from being computed on
-        the same sub-batch as the query's, which would leak information.
+        With the query and key encoders normalising over the same samples, BN
+        statistics would leak which samples share a batch (He et al., 2020,
+        section 3.3). Across processes: MoCo's shuffling BN. In one process
+        with ``bn_splits > 1``: MoCo's split BN, the batch shuffled and encoded
+        as ``bn_splits`` sub-batches, each normalised with its own statistics
+        as one of that many processes would. The mean student's BN running
+        statistics are then updated once per sub-batch; no loss reads them.
         """
         if not self.shuffle_bn:
             return encode(x)
-        shuffled, undo = batch_shuffle(x)
-        return batch_unshuffle(encode(shuffled), undo)
+        if is_distributed():
+            shuffled, undo = batch_shuffle(x)
+            return batch_unshuffle(encode(shuffled), undo)
+        if self.bn_splits == 1:
+            return encode(x)
+        order = torch.randperm(x.shape[0]).to(x.device)  # the global generator: saved with checkpoints
+        encoded = torch.cat([encode(part) for part in x[order].chunk(self.bn_splits)])
+        return encoded[torch.argsort(order)]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -34,11 +34,12 @@ class DisCo(DistillMethod):
         temperature: float = 0.2,
         momentum: float = 0.999,
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
         mse_reduction: str = "batch_mean",
         consistency_weight: float = 1.0,
         teacher_bn_train: bool = False,
     ) -> None:
-        super().__init__(student, teacher, teacher_bn_train, shuffle_bn)
+        super().__init__(student, teacher, teacher_bn_train, shuffle_bn, bn_splits)
         self.head = ProjectionHead(student.out_channels, head_hidden, dim)
         self.student_ema = make_mean_copy(student)
         self.head_ema = make_mean_copy(self.head)
@@ -56,7 +57,7 @@ class DisCo(DistillMethod):
             ema_update(self.student_ema, self.student, self.momentum)
             ema_update(self.head_ema, self.head, self.momentum)
             k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
-        contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
+        contrast = info_nce(q, k, self.queue.negatives(), self.temperature)
         mse1 = consistency_mse(q, t1, self.mse_reduction)
         mse2 = consistency_mse(q2, t2, self.mse_reduction)
         self.queue.enqueue(k)

@@ -33,8 +33,9 @@ class MoCoV2(DistillMethod):
         temperature: float = 0.2,
         momentum: float = 0.999,
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
     ) -> None:
-        super().__init__(student, shuffle_bn=shuffle_bn)
+        super().__init__(student, shuffle_bn=shuffle_bn, bn_splits=bn_splits)
         self.head = ProjectionHead(student.out_channels, head_hidden or student.out_channels, dim)
         self.student_ema = make_mean_copy(student)
         self.head_ema = make_mean_copy(self.head)
@@ -47,6 +48,6 @@ class MoCoV2(DistillMethod):
             ema_update(self.student_ema, self.student, self.momentum)
             ema_update(self.head_ema, self.head, self.momentum)
             k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
-        loss = info_nce(q, k, self.queue.snapshot(), self.temperature)
+        loss = info_nce(q, k, self.queue.negatives(), self.temperature)
         self.queue.enqueue(k)
         return {"loss": loss, "infonce": loss.detach()}

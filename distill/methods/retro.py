@@ -38,6 +38,7 @@ class Retro(DistillMethod):
         temperature: float = 0.2,
         momentum: float = 0.999,
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
         mse_reduction: str = "batch_mean",
         consistency_weight: float = 1.0,
         teacher_bn_train: bool = False,
@@ -47,7 +48,7 @@ class Retro(DistillMethod):
                 "Retro reuses the teacher's projection head, and this teacher has none: "
                 "load a MoCo v2 pretraining checkpoint (it holds the head as fc.0/fc.2)"
             )
-        super().__init__(student, teacher, teacher_bn_train, shuffle_bn)
+        super().__init__(student, teacher, teacher_bn_train, shuffle_bn, bn_splits)
         self.adapter: nn.Module = build_adapter(student.arch, student.out_channels, teacher.out_channels, adapter_kind)
         self.student_ema = make_mean_copy(student)
         self.queue = EmbeddingQueue(queue_size, teacher.head.out_dim)
@@ -58,13 +59,18 @@ class Retro(DistillMethod):
         """n(H_T(pool(A(feature_map)))): the student's embedding in the teacher's space."""
         return unit(self.teacher.head(pooled(self.adapter(feature_map))))
 
+    def monitored_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The backbone's pooled features, and the adapter's (the released linear probe's features)."""
+        fmap = self.student(x)
+        return {"backbone": pooled(fmap), "adapter": pooled(self.adapter(fmap))}
+
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
         t1, t2 = self.teacher_embeddings(x1, x2)
         q, q2 = self.embed(self.student(x1)), self.embed(self.student(x2))
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)
             k = self.keys(lambda x: self.embed(self.student_ema(x)), x2)
-        contrast = info_nce(q, k, self.queue.snapshot(), self.temperature)
+        contrast = info_nce(q, k, self.queue.negatives(), self.temperature)
         mse1 = consistency_mse(q, t1, self.mse_reduction)
         mse2 = consistency_mse(q2, t2, self.mse_reduction)
         self.queue.enqueue(k)

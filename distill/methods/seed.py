@@ -43,6 +43,6 @@ class SEED(DistillMethod):
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         (t,) = self.teacher_embeddings(x1)
         s = unit(self.head(pooled(self.student(x1))))
-        loss = seed_loss(s, t, self.queue.snapshot(), self.temperature, self.teacher_temperature)
+        loss = seed_loss(s, t, self.queue.negatives(), self.temperature, self.teacher_temperature)
         self.queue.enqueue(t)
         return {"loss": loss, "seed": loss.detach()}
