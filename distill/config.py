@@ -49,6 +49,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "LogConfig",
     "LossConfig",
     "StudentConfig",
@@ -197,6 +198,12 @@ class DataConfig(_Section):
     image_size: int = _opt(224, "crop side in pixels", ge=32, hint="the backbones downsample 32x")
     num_workers: int = _opt(4, "data loader processes per training process", ge=0)
     crop_min_scale: float = _opt(0.2, "RandomResizedCrop minimum area fraction", gt=0, le=1)
+    in_memory_mb: int = _opt(
+        2048,
+        "decode the whole image set once and keep it in memory as uint8 when it takes at most this many MiB "
+        "(the shapes data: a few MiB); larger sets (ImageNet) stream from disk; 0: always stream",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -215,13 +222,34 @@ class TrainConfig(_Section):
     precision: str = _opt("auto", "auto: bf16 on a CUDA GPU that supports it, fp32 on the CPU", choices=PRECISIONS)
     channels_last: bool = _opt(False, "channels-last memory format")
     sync_bn: bool = _opt(False, "SyncBatchNorm across processes (GPUs only)")
-    shuffle_bn: bool = _opt(True, "MoCo's shuffled BN for the key encoder when distributed")
+    shuffle_bn: bool = _opt(
+        True, "keep the key encoder's BN statistics apart from the query's: shuffled BN across processes, split BN in one"
+    )
+    bn_splits: Optional[int] = _opt(
+        None,
+        "sub-batches of the key encoder's split BN in one process (MoCo's one-GPU remedy); "
+        "null: as many as the batch allows with at least 16 images each, up to 8; 1: off",
+        ge=1,
+    )
     compile: bool = _opt(False, "torch.compile the trainable networks")
 
     @property
     def scaled_lr(self) -> float:
         """The rate the optimiser uses: linear scaling of ``lr`` from batch 256 (MoCo v2)."""
         return self.lr * self.batch_size / BASE_BATCH_SIZE
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Section):
+    """The online k-NN monitor: accuracy of the online student's features while it trains."""
+
+    _prefix = "eval."
+    knn_data: Optional[str] = _opt(
+        None, "labelled ImageFolder with train/ and val/ class folders (e.g. data/shapes/classification); null: off"
+    )
+    every: int = _opt(0, "run the k-NN monitor every this many steps (and at the last step); 0: off", ge=0)
+    knn_k: int = _opt(20, "neighbours that vote (cosine similarity, weights exp(sim / 0.07))", gt=0)
+    max_images: int = _opt(1000, "cap on the images of each split used by the monitor (bounds its cost)", gt=0)
 
 
 @dataclass(frozen=True)
@@ -257,6 +285,7 @@ class Config(_Section):
     loss: LossConfig = _section(LossConfig, "loss terms")
     data: DataConfig = _section(DataConfig, "training data")
     train: TrainConfig = _section(TrainConfig, "optimisation")
+    eval: EvalConfig = _section(EvalConfig, "online k-NN monitor")
     log: LogConfig = _section(LogConfig, "logging")
     checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoints")
 
@@ -266,6 +295,8 @@ class Config(_Section):
         _check_required(self, "")
         _check_queue(self)
         _check_teacher_given(self)
+        _check_bn_splits(self)
+        _check_monitor(self)
 
     @property
     def uses_teacher(self) -> bool:
@@ -442,6 +473,21 @@ def _check_queue(cfg: Config) -> None:
             f"loss.queue_size ({queue}) must be a multiple of the global batch size train.batch_size ({batch}), "
             f"as MoCo asserts (the queue is replaced one whole batch at a time); e.g. loss.queue_size={fit}"
         )
+
+
+def _check_bn_splits(cfg: Config) -> None:
+    splits, batch = cfg.train.bn_splits, cfg.train.batch_size
+    if splits is not None and (batch % splits or batch // splits < 2):
+        raise ConfigError(
+            f"train.bn_splits={splits} must divide train.batch_size ({batch}) into sub-batches of at least 2 images; "
+            "use a divisor of the batch, or null to choose automatically"
+        )
+
+
+def _check_monitor(cfg: Config) -> None:
+    if bool(cfg.eval.knn_data) != bool(cfg.eval.every):
+        given, missing = ("eval.knn_data", "eval.every=N") if cfg.eval.knn_data else ("eval.every", "eval.knn_data=FOLDER")
+        raise ConfigError(f"the k-NN monitor needs both eval.knn_data and eval.every; {given} is set, so also set {missing}")
 
 
 def _check_teacher_given(cfg: Config) -> None:
@@ -730,6 +776,13 @@ def validate_paths(cfg: Config) -> None:
         _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's MoCo v2 checkpoint")
     if cfg.resume not in (None, "auto"):
         _check_file("resume", cfg.resume, "use resume=auto to continue output_dir's run if there is one, or resume=null")
+    if cfg.eval.knn_data:
+        for split in ("train", "val"):
+            if not (Path(cfg.eval.knn_data) / split).is_dir():
+                raise ConfigError(
+                    f"eval.knn_data '{cfg.eval.knn_data}' has no {split}/ folder; the k-NN monitor needs an ImageFolder "
+                    "with train/<class>/ and val/<class>/ (e.g. data/shapes/classification)"
+                )
 
 
 def _check_file(key: str, value: str, advice: str) -> None:

@@ -1,17 +1,30 @@
-"""Unlabeled images, MoCo v2 augmentation, and a sampler that can resume mid-epoch exactly."""
+"""Unlabeled images, MoCo v2 augmentation, and a sampler that can resume mid-epoch exactly.
+
+Images are uint8 (3, H, W) tensors and are augmented as tensors
+(``torchvision.transforms.v2``). A set small enough (``data.in_memory_mb``) is
+decoded once and kept in memory, so a step on small images pays for neither
+file reads nor JPEG decoding; larger sets (ImageNet) are read and decoded per
+sample, as usual. Both give the same pixels.
+"""
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
-from torchvision import transforms as T
+from torchvision.transforms import v2
+
+from retro_transfer.utils.progress import progress_bar
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MIB = 2**20
+# Images whose headers are read to estimate the decoded size of a whole set.
+SIZE_SAMPLE = 64
 
 
 def list_images(root) -> List[Path]:
@@ -28,22 +41,54 @@ def list_images(root) -> List[Path]:
     return sorted(files)
 
 
-def moco_v2_augmentation(image_size: int, min_scale: float = 0.2) -> T.Compose:
-    """MoCo v2's augmentation (Chen et al., 2020, "Improved baselines", section 3).
+def read_rgb(path: Path) -> torch.Tensor:
+    """The image at ``path`` as a uint8 (3, H, W) RGB tensor."""
+    with Image.open(path) as image:
+        array = np.array(image.convert("RGB"))  # a writable copy
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
-    The blur kernel is ~10% of the image side, as in SimCLR, so that small
-    test images are blurred in proportion.
+
+def decoded_size_mb(files: Sequence[Path]) -> float:
+    """Estimated MiB of the whole set decoded to uint8 RGB, from the headers of a sample of it."""
+    step = max(1, len(files) // SIZE_SAMPLE)
+    sample = list(files[::step])[:SIZE_SAMPLE]
+    pixels = []
+    for path in sample:
+        with Image.open(path) as image:  # reads the header only
+            pixels.append(image.width * image.height)
+    return len(files) * 3 * sum(pixels) / len(pixels) / MIB
+
+
+def decode_all(files: Sequence[Path], limit_mb: int) -> Optional[List[torch.Tensor]]:
+    """Every image decoded, when the set takes at most ``limit_mb`` MiB; else None (stream from disk)."""
+    if limit_mb <= 0 or decoded_size_mb(files) > limit_mb:
+        return None
+    images, total = [], 0
+    for path in progress_bar(files, desc="decoding images", total=len(files)):
+        images.append(read_rgb(path))
+        total += images[-1].numel()
+        if total > limit_mb * MIB:  # the sample underestimated: give the memory back and stream
+            return None
+    return images
+
+
+def moco_v2_augmentation(image_size: int, min_scale: float = 0.2) -> v2.Compose:
+    """MoCo v2's augmentation (Chen et al., 2020, "Improved baselines", section 3), on uint8 tensors.
+
+    The crop is taken and resized on uint8 (cheap); the colour operations run
+    on the small float crop. The blur kernel is ~10% of the image side, as in
+    SimCLR, so that small images are blurred in proportion.
     """
     kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
-    return T.Compose(
+    return v2.Compose(
         [
-            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomHorizontalFlip(),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
 
@@ -62,16 +107,21 @@ class MultiViewImages(Dataset):
     Keys are ``(index, epoch)`` pairs, as :class:`StepBatchSampler` yields.
     """
 
-    def __init__(self, files: Sequence[Path], transform, views: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, files: Sequence[Path], transform, views: int = 2, seed: int = 0, decoded: Optional[Sequence[torch.Tensor]] = None
+    ) -> None:
+        """``decoded``: the images of ``files`` already decoded (:func:`decode_all`), else read per sample."""
+        if decoded is not None and len(decoded) != len(files):
+            raise ValueError(f"{len(decoded)} decoded images for {len(files)} files")
         self.files, self.transform, self.views, self.seed = list(files), transform, views, seed
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: Tuple[int, int]) -> Tuple[torch.Tensor, ...]:
         index, epoch = key
-        with Image.open(self.files[index]) as image:
-            image = image.convert("RGB")
+        image = self.decoded[index] if self.decoded is not None else read_rgb(self.files[index])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
             return tuple(self.transform(image) for _ in range(self.views))

@@ -27,8 +27,9 @@ from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
 from .config import Config, ConfigError, check_adapter_widths, dump_yaml
-from .data import MultiViewImages, StepBatchSampler, list_images, moco_v2_augmentation
+from .data import MultiViewImages, StepBatchSampler, decode_all, list_images, moco_v2_augmentation
 from .methods import METHODS, DistillMethod
+from .monitor import KnnMonitor
 
 CHECKPOINT_FORMAT = "retro-transfer/distill"
 CHECKPOINT_VERSION = 1
@@ -39,7 +40,42 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped without saving over good checkpoints."""
 
 
-def build_method(cfg: Config) -> DistillMethod:
+# Split BN: sub-batches of the key encoder in one process have at least this many images.
+MIN_SPLIT_BATCH = 16
+MAX_BN_SPLITS = 8
+
+
+def resolve_bn_splits(cfg: Config, world_size: int) -> int:
+    """Sub-batches of the key encoder's split BN: 1 (none) when distributed, where shuffled BN applies."""
+    if world_size > 1 or not cfg.train.shuffle_bn:
+        if world_size > 1 and (cfg.train.bn_splits or 1) > 1:
+            raise ConfigError(
+                f"train.bn_splits={cfg.train.bn_splits} is split BN for one process; with {world_size} processes the "
+                "key encoder uses shuffled BN across them: set train.bn_splits=null"
+            )
+        return 1
+    if cfg.train.bn_splits is not None:
+        return cfg.train.bn_splits
+    batch = cfg.train.batch_size
+    fits = [n for n in range(1, MAX_BN_SPLITS + 1) if batch % n == 0 and batch // n >= MIN_SPLIT_BATCH]
+    return max(fits, default=1)
+
+
+def describe_key_bn(method: DistillMethod, world_size: int, batch_size: int) -> str:
+    """One line: how the key encoder's BN statistics are kept apart from the query's."""
+    if not hasattr(method, "student_ema"):
+        return f"key encoder: none ({method.name} has no mean student)"
+    if not method.shuffle_bn:
+        return "key encoder BN: over the query's own batch (train.shuffle_bn=false)"
+    if world_size > 1:
+        return f"key encoder BN: shuffled across {world_size} processes (MoCo's shuffle BN)"
+    if method.bn_splits == 1:
+        return f"key encoder BN: one batch of {batch_size} (split BN off: train.bn_splits=1 or batch < {2 * MIN_SPLIT_BATCH})"
+    per = batch_size // method.bn_splits
+    return f"key encoder BN: split BN, batch shuffled into {method.bn_splits} sub-batches of {per} (one process)"
+
+
+def build_method(cfg: Config, bn_splits: int = 1) -> DistillMethod:
     """The method of ``cfg`` with its student, and its frozen teacher when it needs one."""
     student = build_student(cfg.student.arch)
     cls = METHODS[cfg.method]
@@ -52,6 +88,7 @@ def build_method(cfg: Config) -> DistillMethod:
             temperature=cfg.loss.temperature,
             momentum=cfg.loss.momentum,
             shuffle_bn=cfg.train.shuffle_bn,
+            bn_splits=bn_splits,
         )
     if not cfg.teacher.checkpoint:
         raise ConfigError(f"method {cfg.method} needs a teacher: set teacher.checkpoint=PATH")
@@ -73,6 +110,7 @@ def build_method(cfg: Config) -> DistillMethod:
         mse_reduction=cfg.loss.mse_reduction,
         consistency_weight=cfg.loss.consistency_weight,
         shuffle_bn=cfg.train.shuffle_bn,
+        bn_splits=bn_splits,
     )
     if cfg.method == "disco":
         return cls(student, teacher, head_hidden=cfg.student.head_hidden or 2048, dim=teacher.head.out_dim, **common, **consistency)
@@ -121,6 +159,19 @@ def optimize(loss: torch.Tensor, optimizer, scaler, scheduler, params, grad_clip
     scheduler.step()
 
 
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """BatchNorm layers -> SyncBatchNorm, keeping timm's fused activations.
+
+    torch's ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's
+    ``BatchNormAct2d`` (BN + SiLU / Hardswish in EfficientNet and MobileNetV3)
+    into a plain SyncBatchNorm and drops the activation; timm's converter
+    keeps it (``SyncBatchNormAct``).
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(module)
+
+
 def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
     if not cfg.resume:
         return None
@@ -151,11 +202,14 @@ class Trainer:
         # The same seed on every process: identical initial weights and queues.
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.method = build_method(cfg).to(self.device)
+        self.method = build_method(cfg, resolve_bn_splits(cfg, self.world)).to(self.device)
         if cfg.train.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
         if cfg.train.sync_bn and self.distributed:
-            self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+            self.method = convert_sync_batchnorm(self.method)
+        self.monitor: Optional[KnnMonitor] = None
+        if cfg.eval.every and dist_utils.is_main_process():
+            self.monitor = KnnMonitor(cfg.eval.knn_data, cfg.data.image_size, cfg.eval.knn_k, cfg.eval.max_images, self.device)
         params = self.method.trainable_parameters()
         self.lr = cfg.train.lr * cfg.train.batch_size / 256
         self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
@@ -264,9 +318,16 @@ class Trainer:
     def _loader(self) -> DataLoader:
         cfg = self.cfg
         files = list_images(cfg.data.train_dir)
-        dataset = MultiViewImages(
-            files, moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale), self.method.num_views, cfg.seed
-        )
+        decoded = decode_all(files, cfg.data.in_memory_mb)
+        if dist_utils.is_main_process():
+            where = (
+                f"decoded once, {sum(t.numel() for t in decoded) / 2**20:.0f} MiB in memory"
+                if decoded is not None
+                else f"read from disk per sample (more than data.in_memory_mb={cfg.data.in_memory_mb} MiB decoded)"
+            )
+            print(f"data: {len(files)} images in {cfg.data.train_dir}, {where}", flush=True)
+        augmentation = moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale)
+        dataset = MultiViewImages(files, augmentation, self.method.num_views, cfg.seed, decoded)
         sampler = StepBatchSampler(
             len(dataset), cfg.train.batch_size, self.rank, self.world, cfg.seed, self.step, cfg.train.max_steps
         )
@@ -295,8 +356,9 @@ class Trainer:
                 f"loss is {loss.item()} at step {self.step}; the run stopped and {where}. "
                 "Lower train.lr, set train.grad_clip, or use train.precision=fp32"
             )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses; optimize() moves to the next
         optimize(loss, self.optimizer, self.scaler, self.scheduler, self.method.trainable_parameters(), self.cfg.train.grad_clip)
-        return {k: float(v.detach()) for k, v in out.items()}
+        return {**{k: float(v.detach()) for k, v in out.items()}, "lr": lr}
 
     def fit(self) -> Path:
         cfg = self.cfg
@@ -312,6 +374,8 @@ class Trainer:
         log_file = open(self.out / "log.jsonl", "a") if main else None
         self.model.train()
         loader = self._loader()
+        if main:
+            print(describe_key_bn(self.method, self.world, cfg.train.batch_size // self.world), flush=True)
         bar = progress_bar(loader, desc=f"{cfg.method} {cfg.student.arch}", total=cfg.train.max_steps, initial=self.step) if main else loader
         tick = time.perf_counter()
         try:
@@ -320,10 +384,13 @@ class Trainer:
                 self.step += 1
                 now = time.perf_counter()
                 terms["img_per_s"] = cfg.train.batch_size / max(now - tick, 1e-9)
-                terms["lr"] = self.optimizer.param_groups[0]["lr"]
-                tick = now
-                if main and (self.step % cfg.log.every == 0 or self.step == cfg.train.max_steps):
+                last = self.step == cfg.train.max_steps
+                monitor_now = self.monitor is not None and (self.step % cfg.eval.every == 0 or last)
+                if monitor_now:
+                    terms.update(self.monitor(self.method))
+                if main and (self.step % cfg.log.every == 0 or last or monitor_now):
                     self._log(terms, bar, writer, log_file)
+                tick = time.perf_counter()  # the monitor's and the log's time are not the step's
                 if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
                     self.save()
             if self.step == cfg.train.max_steps and self.last_saved is None:
@@ -342,7 +409,9 @@ class Trainer:
         if writer is not None:
             for key, value in terms.items():
                 writer.add_scalar(f"train/{key}", value, self.step)
-        shown = {k: f"{v:.4g}" for k, v in terms.items() if k != "lr"}
+        if self.monitor is not None and self.monitor.last:
+            terms = {**terms, **self.monitor.last}  # the bar keeps showing the latest k-NN accuracy
+        shown = {k: f"{v:.4g}" for k, v in terms.items() if k not in ("lr", "knn_seconds")}
         if getattr(bar, "disable", True):
             # No terminal (a log file, CI): a plain line instead of a bar.
             print(f"step {self.step}/{self.cfg.train.max_steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)

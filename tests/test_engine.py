@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
 
 from retro_transfer.checkpoints import load_teacher, safe_load
@@ -140,18 +139,6 @@ def assert_identical(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A seeded ResNet-18 with a MoCo v2 head, in the official MoCo v2 release layout."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(weights=None)
-    net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
-    state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}
-    path = tmp_path_factory.mktemp("teacher") / "moco_v2_r18.pth.tar"
-    torch.save({"arch": "resnet18", "epoch": 0, "state_dict": state}, path)
-    return path
-
-
 # ----------------------------------------------------------------------------- resume
 
 RETRO_STEPS = 6
@@ -167,6 +154,9 @@ def retro_overrides(shapes_root, teacher_ckpt, out, *extra):
         f"train.max_steps={RETRO_STEPS}",
         "checkpoint.every=2",
         "log.every=2",
+        # Split BN draws a permutation from the global RNG every step, so the
+        # bit-exact comparison also checks that a resume restores that RNG.
+        "train.bn_splits=2",
         *extra,
     )
 
