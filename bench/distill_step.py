@@ -22,6 +22,16 @@ needed) and times, on one fixed random batch:
   (c) mean student: forward of the EMA copy under ``no_grad`` (moco_v2,
       disco, retro).
 
+* an **official-style step**: the same method computed the way the released
+  DisCo / Retro code runs it: the teacher in train mode (batch statistics),
+  each view through the teacher separately, one student forward per view,
+  the queue cloned before scoring, fp32 and no channels_last whatever the
+  flags say. Reported as ``ours / official`` (img/s ratio, >1 is faster);
+* the **data path** alone (``--data-path``): images per second that the
+  engine's loader delivers (decoded in memory or streamed from disk, MoCo v2
+  augmentation, both views) with ``num_workers`` 0 and 1, beside the step's
+  img/s, to see whether data or compute bounds a run.
+
 Why: the parts are the work a step cannot avoid. What a step costs beyond
 them (``overhead = step / sum_of_parts - 1``) is bookkeeping: EMA updates,
 queue copies, the loss, the optimiser, synchronisation. The target is an
@@ -37,6 +47,7 @@ Usage::
 
     python bench/distill_step.py --quick
     python bench/distill_step.py --students efficientnet_b0 resnet18 --iters 10
+    python bench/distill_step.py --quick --data-path --image-size 48 --batch-size 64
 
 A markdown table is printed and every number is written to JSON (``--out``).
 Times are medians over ``--iters``; on a shared machine they are noisy.
@@ -45,6 +56,7 @@ Times are medians over ``--iters``; on a shared machine they are noisy.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -60,7 +72,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from distill.engine import forward_losses, optimize
+from distill.ema import ema_update
+from distill.engine import forward_losses, make_sgd, optimize
+from distill.losses import consistency_mse, info_nce, seed_loss
 from distill.methods import METHODS, DistillMethod
 from distill.methods.base import pooled, unit
 from retro_transfer.models import Teacher, build_student
@@ -95,6 +109,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 warmup, 2 iters, one student, resnet18 teacher, 32 px, batch 8"
     )
+    p.add_argument("--no-official", action="store_true", help="skip the official-style step")
+    p.add_argument("--data-path", action="store_true", help="also time the data loader alone (workers 0 and 1)")
+    p.add_argument("--data", default=None, help="image folder for --data-path (default: a generated shapes set)")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/distill_step_<device>.json)")
     return p.parse_args(argv)
 
@@ -165,6 +182,7 @@ class Setup:
     views: List[torch.Tensor]
     device: torch.device
     dtype: Optional[torch.dtype]
+    official: Optional[OfficialStyle] = None
     nonfinite_steps: int = 0
 
     def autocast(self):
@@ -178,18 +196,75 @@ def make_setup(name: str, student_arch: str, args: argparse.Namespace, device: t
     if args.channels_last:
         method = method.to(memory_format=torch.channels_last)
     method.train()
-    optimizer = torch.optim.SGD(
-        method.trainable_parameters(), lr=BASE_LR * args.batch_size / 256, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY
-    )
+    optimizer = make_sgd(method.trainable_parameters(), BASE_LR * args.batch_size / 256, SGD_MOMENTUM, WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     dtype = PRECISIONS[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     views = [torch.randn(shape, device=device).contiguous(memory_format=memory_format) for _ in range(method.num_views)]
-    return Setup(method, optimizer, scheduler, scaler, views, device, dtype)
+    official = None if args.no_official else OfficialStyle(method, BASE_LR * args.batch_size / 256)
+    return Setup(method, optimizer, scheduler, scaler, views, device, dtype, official)
 
 
 # --------------------------------------------------------------------------- what is timed
+
+
+class OfficialStyle:
+    """The method's loss computed as the released DisCo / Retro code runs a step.
+
+    A deep copy of the method (the teacher's BN running statistics move in
+    train mode and must not leak into ours). The losses are the same formulas
+    (with the released code's q2 bug fixed, so only the way of computing
+    differs): teacher in train mode, one teacher call per view, one student
+    call per view, MoCo's ``queue.clone().detach()``, fp32.
+    """
+
+    def __init__(self, method: DistillMethod, lr: float) -> None:
+        self.m = copy.deepcopy(method).to(memory_format=torch.contiguous_format).train()
+        if self.m.teacher is not None:
+            self.m.teacher.train()
+        self.optimizer = torch.optim.SGD(self.m.trainable_parameters(), lr=lr, momentum=SGD_MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def _teacher(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return unit(self.m.teacher(x))
+
+    def _student(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        return m.embed(m.student(x)) if m.name == "retro" else unit(m.head(pooled(m.student(x))))
+
+    def _key(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        with torch.no_grad():
+            ema_update(m.student_ema, m.student, m.momentum)
+            if m.name == "retro":
+                return m.embed(m.student_ema(x))
+            ema_update(m.head_ema, m.head, m.momentum)
+            return unit(m.head_ema(pooled(m.student_ema(x))))
+
+    def loss(self, views: List[torch.Tensor]) -> torch.Tensor:
+        m = self.m
+        x1 = views[0].contiguous()
+        queue = m.queue.embeddings.clone().detach()
+        if m.name == "seed":
+            t, s = self._teacher(x1), self._student(x1)
+            loss = seed_loss(s, t, queue, m.temperature, m.teacher_temperature)
+            m.queue.enqueue(t)
+            return loss
+        x2 = views[1].contiguous()
+        q, k = self._student(x1), self._key(x2)
+        loss = info_nce(q, k, queue, m.temperature)
+        if m.name in ("disco", "retro"):
+            t1, t2, q2 = self._teacher(x1), self._teacher(x2), self._student(x2)
+            loss = loss + consistency_mse(q, t1) + consistency_mse(q2, t2)
+        m.queue.enqueue(k)
+        return loss
+
+    def step(self, s: "Setup") -> None:
+        loss = self.loss(s.views)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
 
 
 def full_step(s: Setup) -> None:
@@ -324,11 +399,15 @@ def measure(s: Setup, warmup: int, iters: int, memory: PeakMemory) -> Dict[str, 
     """Per-round seconds of the full step and of each part, interleaved round by round."""
     parts = parts_of(s.method)
     times: Dict[str, List[float]] = {"step": [], **{name: [] for name in parts}}
+    if s.official is not None:
+        times["official_step"] = []
     for round_index in range(warmup + iters):
         memory.before_step()
         step_seconds = timed(full_step, s)
         memory.after_step()
         part_seconds = {name: timed(fn, s) for name, fn in parts.items()}
+        if s.official is not None:
+            part_seconds["official_step"] = timed(s.official.step, s)
         if round_index >= warmup:
             times["step"].append(step_seconds)
             for name, seconds in part_seconds.items():
@@ -350,6 +429,7 @@ def bench_one(name: str, student_arch: str, args: argparse.Namespace, device: to
     times = measure(s, args.warmup, args.iters, memory)
     medians_ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
     step_ms = medians_ms.pop("step")
+    official_ms = medians_ms.pop("official_step", None)
     parts_ms = sum(medians_ms.values())
     overhead = (step_ms / parts_ms - 1.0) * 100.0
     row = {
@@ -361,6 +441,8 @@ def bench_one(name: str, student_arch: str, args: argparse.Namespace, device: to
         "parts_ms": medians_ms,
         "sum_parts_ms": parts_ms,
         "overhead_pct": overhead,
+        "official_step_ms": official_ms,
+        "speedup_vs_official": None if official_ms is None else official_ms / step_ms,
         "overhead_target_pct": OVERHEAD_TARGET_PCT,
         "meets_target": overhead <= OVERHEAD_TARGET_PCT,
         "peak_memory_mib": memory.peak_mib,
@@ -376,6 +458,55 @@ def bench_one(name: str, student_arch: str, args: argparse.Namespace, device: to
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+# --------------------------------------------------------------------------- the data path alone
+
+BENCH_DATA = Path("bench/results/shapes_data")
+
+
+def bench_images(args: argparse.Namespace) -> Path:
+    """``--data``, or a generated shapes set (1,000 images of 96 px, written once)."""
+    if args.data:
+        return Path(args.data)
+    from retro_transfer.data.shapes import ShapesConfig, generate
+
+    if not (BENCH_DATA / "unlabeled").is_dir():
+        generate(BENCH_DATA, ShapesConfig(num_images=1000, size=96, seed=0))
+    return BENCH_DATA / "unlabeled"
+
+
+def bench_data_path(args: argparse.Namespace) -> List[Dict]:
+    """Images per second the engine's loader delivers (two MoCo v2 views each), by storage and workers."""
+    from distill.data import MultiViewImages, StepBatchSampler, decode_all, list_images, moco_v2_augmentation, step_loader
+
+    files = list_images(bench_images(args))
+    decoded = decode_all(files, limit_mb=2048)
+    augmentation = moco_v2_augmentation(args.image_size)
+    steps = max(6, 1024 // args.batch_size)
+    rows = []
+    for storage, images in (("in memory", decoded), ("from disk", None)):
+        for workers in (0, 1):
+            dataset = MultiViewImages(files, augmentation, views=2, seed=args.seed, decoded=images)
+            sampler = StepBatchSampler(len(files), args.batch_size, 0, 1, args.seed, 0, steps + 1)
+            batches = iter(step_loader(dataset, sampler, workers, args.seed))
+            next(batches)  # worker start-up is not throughput
+            start = time.perf_counter()
+            for _ in batches:
+                pass
+            seconds = time.perf_counter() - start
+            rows.append({"storage": storage, "num_workers": workers, "img_per_s": steps * args.batch_size / seconds})
+    return rows
+
+
+def format_data_table(rows: List[Dict], step_rows: List[Dict]) -> str:
+    lines = ["| storage | num_workers | loader img/s | slowest step img/s | loader / step |", "|---|---|---|---|---|"]
+    slowest = min((r["img_per_s"] for r in step_rows), default=None)
+    for r in rows:
+        ratio = "-" if slowest is None else f"{r['img_per_s'] / slowest:.1f}x"
+        step = "-" if slowest is None else f"{slowest:.1f}"
+        lines.append(f"| {r['storage']} | {r['num_workers']} | {r['img_per_s']:.1f} | {step} | {ratio} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- report
@@ -426,7 +557,8 @@ def format_table(rows: List[Dict], device: torch.device) -> str:
     memory_header = "peak CUDA alloc MiB" if device.type == "cuda" else "peak RSS rise MiB"
     header = [
         "method", "student", "img/s", "step ms", "teacher ms", "student f+b ms", "mean fwd ms",
-        "sum parts ms", "overhead %", f"target <= {OVERHEAD_TARGET_PCT:g}%", memory_header, "trainable M", "total M",
+        "sum parts ms", "overhead %", f"target <= {OVERHEAD_TARGET_PCT:g}%", "official-style ms", "ours / official",
+        memory_header, "trainable M", "total M",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -434,7 +566,8 @@ def format_table(rows: List[Dict], device: torch.device) -> str:
         cells = [
             r["method"], r["student"], f"{r['img_per_s']:.1f}", _ms(r["step_ms"]), _ms(parts.get("teacher")),
             _ms(parts.get("student")), _ms(parts.get("mean_student")), _ms(r["sum_parts_ms"]),
-            f"{r['overhead_pct']:+.1f}", "pass" if r["meets_target"] else "fail", f"{r['peak_memory_mib']:.0f}",
+            f"{r['overhead_pct']:+.1f}", "pass" if r["meets_target"] else "fail", _ms(r["official_step_ms"]),
+            "-" if r["speedup_vs_official"] is None else f"{r['speedup_vs_official']:.2f}x", f"{r['peak_memory_mib']:.0f}",
             f"{r['trainable_params_m']:.2f}", f"{r['total_params_m']:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -450,9 +583,12 @@ def describe(env: Dict) -> str:
     )
 
 
-def write_json(path: Path, env: Dict, rows: List[Dict]) -> None:
+def write_json(path: Path, env: Dict, rows: List[Dict], data_rows: Optional[List[Dict]] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    payload = {"environment": env, "results": rows}
+    if data_rows is not None:
+        payload["data_path"] = data_rows
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -473,8 +609,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     nonfinite = [f"{r['method']}/{r['student']}" for r in rows if r["nonfinite_steps"]]
     if nonfinite:
         print(f"\nnote: non-finite losses (random weights and inputs) in {', '.join(nonfinite)}; timings are unaffected")
+    data_rows = None
+    if args.data_path:
+        print("\n  data path ...", flush=True)
+        data_rows = bench_data_path(args)
+        print()
+        print(format_data_table(data_rows, rows))
     out = Path(args.out)
-    write_json(out, env, rows)
+    write_json(out, env, rows, data_rows)
     print(f"\nwrote {out}")
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from retro_transfer.utils.progress import progress_bar
@@ -165,3 +165,18 @@ class StepBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step)
+
+
+def step_loader(dataset: MultiViewImages, sampler: StepBatchSampler, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:
+    """The training loader: one batch per step from ``sampler``, augmented in ``num_workers`` processes."""
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        # Its own generator: the loader draws a worker base seed per iterator, and from
+        # the global RNG that would put a resumed run one draw off the uninterrupted one
+        # (split BN's permutation, dropout). Samples are seeded per index anyway.
+        generator=torch.Generator().manual_seed(seed),
+    )

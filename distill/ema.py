@@ -23,5 +23,5 @@ def ema_update(mean: nn.Module, online: nn.Module, momentum: float) -> None:
     """
     mean_params = list(mean.parameters())
     online_params = [p.detach() for p in online.parameters()]
-    torch._foreach_mul_(mean_params, momentum)
-    torch._foreach_add_(mean_params, online_params, alpha=1.0 - momentum)
+    # One pass over the weights: mean + (1 - m) * (online - mean).
+    torch._foreach_lerp_(mean_params, online_params, 1.0 - momentum)

@@ -27,7 +27,7 @@ from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
 from .config import Config, ConfigError, check_adapter_widths, dump_yaml
-from .data import MultiViewImages, StepBatchSampler, decode_all, list_images, moco_v2_augmentation
+from .data import MultiViewImages, StepBatchSampler, decode_all, list_images, moco_v2_augmentation, step_loader
 from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor
 
@@ -159,6 +159,14 @@ def optimize(loss: torch.Tensor, optimizer, scaler, scheduler, params, grad_clip
     scheduler.step()
 
 
+def make_sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with the fused kernel where this torch has one for the device (CPU: ~3x faster than the loop)."""
+    try:
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # an older torch or a device without the fused kernel: same maths, slower
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """BatchNorm layers -> SyncBatchNorm, keeping timm's fused activations.
 
@@ -212,7 +220,7 @@ class Trainer:
             self.monitor = KnnMonitor(cfg.eval.knn_data, cfg.data.image_size, cfg.eval.knn_k, cfg.eval.max_images, self.device)
         params = self.method.trainable_parameters()
         self.lr = cfg.train.lr * cfg.train.batch_size / 256
-        self.optimizer = torch.optim.SGD(params, lr=self.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay)
+        self.optimizer = make_sgd(params, self.lr, cfg.train.momentum, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.schedule)
         )
@@ -331,17 +339,7 @@ class Trainer:
         sampler = StepBatchSampler(
             len(dataset), cfg.train.batch_size, self.rank, self.world, cfg.seed, self.step, cfg.train.max_steps
         )
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            # Its own generator: the loader draws a worker base seed per iterator, and from
-            # the global RNG that would put a resumed run one draw off the uninterrupted one
-            # (batch_shuffle's permutation, dropout). Samples are seeded per index anyway.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        return step_loader(dataset, sampler, cfg.data.num_workers, cfg.seed, pin_memory=self.device.type == "cuda")
 
     def _to_device(self, view: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format

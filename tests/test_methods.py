@@ -118,7 +118,7 @@ def test_moco_v2_loss_equals_its_formula():
             reference.student_ema, reference.student, 0.9, lambda f: _unit(reference.head_ema(f.mean(dim=(2, 3)))), x2
         )
     torch.testing.assert_close(method(x1, x2)["loss"].detach(), info_nce(q, k, queue, 0.2), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)  # k is what was enqueued
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-4, atol=1e-5)  # k is what was enqueued
 
 
 def test_retro_loss_equals_its_formula(teacher):
@@ -147,7 +147,7 @@ def test_retro_loss_equals_its_formula(teacher):
     torch.testing.assert_close(out["mse1"], expected_mse1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["mse2"], expected_mse2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"].detach(), expected_nce + expected_mse1 + expected_mse2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-4, atol=1e-5)
     # The second term really compares view 2 with view 2: with view 1 it would differ.
     assert not torch.allclose(expected_mse2, ((q - t2) ** 2).sum(1).mean())
 
@@ -170,7 +170,7 @@ def test_disco_loss_equals_its_formula(teacher):
     t1, t2 = _teacher_embedding(teacher, x1), _teacher_embedding(teacher, x2)
     expected = info_nce(q, k, queue, 0.2) + ((q - t1) ** 2).sum(1).mean() + ((q2 - t2) ** 2).sum(1).mean()
     torch.testing.assert_close(method(x1, x2)["loss"].detach(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-4, atol=1e-5)
 
 
 def test_seed_loss_equals_its_formula_and_queues_teacher_embeddings(teacher):
