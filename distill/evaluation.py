@@ -486,6 +486,8 @@ def train_linear_probe(
         "final_train_loss": loss,
         "feature_dim": int(val_feats.shape[1]),
         "num_val": int(val_feats.shape[0]),
+        # Per validation image, in loader order: 1 if the top-1 class was right (for intervals).
+        "val_correct": (scores.argmax(dim=1).cpu() == val_labels).int().tolist(),
     }
 
 

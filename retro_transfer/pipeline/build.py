@@ -3,9 +3,9 @@
 from pathlib import Path
 from typing import Dict, List, Mapping
 
-from .report import write_report
+from .downstream import detection_evidence, downstream_sections, downstream_stages, segmentation_evidence
+from .report import frozen_feature_evidence, verdict_lines, write_report
 from .runner import Context, Stage
-from .downstream import downstream_sections, downstream_stages
 from .upstream import upstream_stages
 
 
@@ -14,4 +14,7 @@ def build_stages(preset: Mapping) -> List[Stage]:
 
 
 def finish(ctx: Context, preset_name: str, records: Dict[str, Dict]) -> Path:
-    return write_report(ctx.out, preset_name, ctx.preset, records, downstream_sections(records))
+    detection, segmentation = detection_evidence(ctx.out, records), segmentation_evidence(ctx.out, records)
+    verdict = verdict_lines(records, frozen_feature_evidence(ctx.out, records), detection, segmentation)
+    sections = downstream_sections(ctx.out, records, detection, segmentation)
+    return write_report(ctx.out, preset_name, ctx.preset, records, sections, verdict)

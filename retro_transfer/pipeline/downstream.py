@@ -15,7 +15,7 @@ import numpy as np
 
 from retro_transfer.convert import read_backbone
 
-from .runner import Context, Stage
+from .runner import Context, Stage, read_json, save_json
 from .upstream import data_dir, student_file
 
 TRANSFERRED = ("retro", "moco_v2")
@@ -115,9 +115,52 @@ def _draw_detections(model, cfg, folder: Path, count: int = 4) -> Path:
     return path
 
 
+PER_IMAGE = "per_image.json"
+
+
+def read_voc_objects(xml_path: Path, classes) -> Dict[str, list]:
+    """Ground truth of one VOC annotation file: 1-based inclusive boxes, class indices, difficult flags."""
+    import xml.etree.ElementTree as ET
+
+    boxes, labels, difficult = [], [], []
+    for obj in ET.parse(xml_path).findall("object"):
+        box = obj.find("bndbox")
+        boxes.append([float(box.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")])
+        labels.append(list(classes).index(obj.find("name").text))
+        flag = obj.find("difficult")
+        difficult.append(int(flag.text) if flag is not None else 0)
+    return {"boxes": boxes, "labels": labels, "difficult": difficult}
+
+
+def _per_image_collector():
+    """A Detectron2 evaluator that keeps each test image's detections (VOC coordinates) beside the real one."""
+    from detectron2.evaluation import DatasetEvaluator
+
+    class PerImageDetections(DatasetEvaluator):
+        def reset(self):
+            self.images = []
+
+        def process(self, inputs, outputs):
+            for record, output in zip(inputs, outputs):
+                instances = output["instances"].to("cpu")
+                boxes = instances.pred_boxes.tensor.numpy().copy()
+                boxes[:, :2] += 1  # as PascalVOCDetectionEvaluator writes them: VOC's 1-based corner,
+                # boxes to 0.1 px and scores to 3 decimals, so that AP50 here is its AP50
+                self.images.append({"image_id": record["image_id"], "boxes": np.round(boxes, 1).tolist(),
+                                    "scores": np.round(instances.scores.numpy(), 3).tolist(),
+                                    "labels": instances.pred_classes.tolist()})
+
+        def evaluate(self):
+            return None
+
+    return PerImageDetections()
+
+
 def _detect(init: str):
     def run(ctx: Context, folder: Path) -> Dict:
         from detectron2.config import get_cfg
+        from detectron2.data import MetadataCatalog
+        from detectron2.evaluation import DatasetEvaluators
 
         from retro_transfer.d2 import add_retro_config, check_config, register_shapes
         from retro_transfer.d2.train import RetroTrainer
@@ -129,9 +172,20 @@ def _detect(init: str):
         register_shapes(cfg.DATASETS.SHAPES_ROOT)
         check_config(cfg)
         cfg.freeze()
-        trainer = RetroTrainer(cfg)
+        collector = _per_image_collector()
+
+        class Trainer(RetroTrainer):
+            @classmethod
+            def build_evaluator(cls, cfg, dataset_name):
+                return DatasetEvaluators([RetroTrainer.build_evaluator(cfg, dataset_name), collector])
+
+        trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         results = trainer.train()
+        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        for image in collector.images:
+            image["truth"] = read_voc_objects(Path(meta.dirname) / "Annotations" / f"{image['image_id']}.xml", meta.thing_classes)
+        save_json({"classes": list(meta.thing_classes), "images": collector.images}, folder / PER_IMAGE)
         # DefaultTrainer.test unwraps the per-data-set level when there is one test set.
         bbox = results["bbox"] if "bbox" in results else next(iter(results.values()))["bbox"]
         _draw_detections(trainer.model, cfg, folder)
@@ -206,13 +260,31 @@ def _draw_segmentation(runner, folder: Path, count: int = 4) -> Path:
     return path
 
 
+def _register_per_image_iou() -> str:
+    """An IoUMetric that also keeps each image's per-class intersection and union; returns its type name."""
+    from mmseg.evaluation import IoUMetric
+    from mmseg.registry import METRICS
+
+    class PerImageIoUMetric(IoUMetric):
+        def compute_metrics(self, results):
+            self.per_image = [(r[0].cpu().numpy().tolist(), r[1].cpu().numpy().tolist()) for r in results]
+            return super().compute_metrics(results)
+
+    METRICS.register_module(name="PerImageIoUMetric", module=PerImageIoUMetric, force=True)
+    return "PerImageIoUMetric"
+
+
 def _segment(init: str):
     def run(ctx: Context, folder: Path) -> Dict:
         from retro_transfer.mmseg import launch
 
-        cfg = launch.load_config(SEGMENTATION_CONFIG, _segmentation_options(ctx, folder, init), work_dir=folder)
+        options = {**_segmentation_options(ctx, folder, init), "val_evaluator.type": _register_per_image_iou()}
+        cfg = launch.load_config(SEGMENTATION_CONFIG, options, work_dir=folder)
         runner = launch.train(cfg)
         metrics = runner.val()
+        iou = runner.val_evaluator.metrics[0]
+        save_json({"classes": list(iou.dataset_meta["classes"]), "intersection": [i for i, _ in iou.per_image],
+                   "union": [u for _, u in iou.per_image]}, folder / PER_IMAGE)
         _draw_segmentation(runner, folder)
         for checkpoint in folder.glob("iter_*.pth"):
             checkpoint.unlink()  # the metrics are the output; keep the disk small
@@ -245,23 +317,96 @@ def downstream_stages(preset: Dict) -> List[Stage]:
     return stages
 
 
-def downstream_sections(records: Dict[str, Dict]) -> List[str]:
-    """Markdown for the report: one table per task, with the drawn predictions."""
-    from .report import markdown_table
+def detection_evidence(out: Path, records: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Per initialisation: VOC07 AP50 with its interval, and the paired difference from random init."""
+    from . import stats
 
+    statistics, n = {}, None
+    for init in INITS:
+        path = out / f"det_{init}" / PER_IMAGE
+        if f"det_{init}" not in records or not path.exists():
+            continue
+        data = read_json(path)
+        images = sorted(data["images"], key=lambda image: image["image_id"])  # the same order for every init
+        predictions = [(np.array(i["boxes"], dtype=np.float64).reshape(-1, 4), np.array(i["scores"]), np.array(i["labels"]))
+                       for i in images]
+        truth = [(np.array(i["truth"]["boxes"], dtype=np.float64).reshape(-1, 4), np.array(i["truth"]["labels"]),
+                  np.array(i["truth"]["difficult"])) for i in images]
+        statistics[init] = stats.ap50(stats.detection_pieces(predictions, truth, len(data["classes"])))
+        n = len(images)
+    # The point estimates are Detectron2's own AP50; the intervals come from the per-image recomputation,
+    # which equals it up to the order of detections whose rounded scores tie.
+    return _evidence(statistics, n, {init: records[f"det_{init}"]["metrics"]["AP50"] for init in statistics})
+
+
+def segmentation_evidence(out: Path, records: Dict[str, Dict]) -> Dict[str, Dict]:
+    """Per initialisation: mIoU with its interval, and the paired difference from random init."""
+    from . import stats
+
+    statistics, n = {}, None
+    for init in INITS:
+        path = out / f"seg_{init}" / PER_IMAGE
+        if f"seg_{init}" not in records or not path.exists():
+            continue
+        data = read_json(path)
+        statistics[init] = stats.miou(np.array(data["intersection"]), np.array(data["union"]))
+        n = len(data["intersection"])
+    return _evidence(statistics, n, {init: records[f"seg_{init}"]["metrics"]["mIoU"] for init in statistics})
+
+
+def _evidence(statistics: Dict, n, official: Dict[str, float]) -> Dict[str, Dict]:
+    """Bootstrap intervals around the evaluator's ``official`` numbers, and paired differences from random init."""
+    from . import stats
+
+    if not statistics:
+        return {}
+    reference = "random" if "random" in statistics else None
+    evidence = {}
+    for init, fn in statistics.items():
+        interval = stats.bootstrap(fn, n)
+        difference = None
+        if reference not in (None, init):
+            d = stats.paired_difference(fn, statistics[reference], n)
+            difference = stats.Estimate(official[init] - official[reference], d.low, d.high)
+        evidence[init] = {"value": stats.Estimate(official[init], interval.low, interval.high), "num_images": n,
+                          "vs_random": difference}
+    return evidence
+
+
+def _with_interval(evidence: Dict, init: str, fallback: float) -> str:
+    return str(evidence[init]["value"]) if init in evidence else f"{fallback:.2f}"
+
+
+def downstream_sections(out: Path, records: Dict[str, Dict], det_evidence: Dict = None, seg_evidence: Dict = None) -> List[str]:
+    """Markdown for the report: one table per task (with intervals), and the drawn predictions."""
+    from .report import difference_text, markdown_table
+
+    det_evidence = detection_evidence(out, records) if det_evidence is None else det_evidence
+    seg_evidence = segmentation_evidence(out, records) if seg_evidence is None else seg_evidence
     sections = []
     det = [records[f"det_{i}"]["metrics"] for i in INITS if f"det_{i}" in records]
     if det:
+        n = next(iter(det_evidence.values()))["num_images"] if det_evidence else None
         lines = ["## Detection (Faster R-CNN FPN, shapes-VOC test)", "",
-                 f"Fine-tuned for {det[0]['iters']} iterations from each initialisation; PascalVOCDetectionEvaluator (AP over IoU 0.5:0.95, AP50, AP75).", ""]
-        lines += markdown_table(["initialisation", "AP", "AP50", "AP75"], [[m["init"], m["AP"], m["AP50"], m["AP75"]] for m in det])
+                 f"Fine-tuned for {det[0]['iters']} iterations from each initialisation; PascalVOCDetectionEvaluator "
+                 "(AP over IoU 0.5:0.95, AP50, AP75; VOC2007 11-point)."
+                 + (f" AP50 brackets: 95% bootstrap intervals over the {n} test images; the last column is the paired "
+                    "bootstrap of the AP50 difference from random initialisation." if n else ""), ""]
+        rows = [[m["init"], m["AP"], _with_interval(det_evidence, m["init"], m["AP50"]), m["AP75"],
+                 difference_text(det_evidence.get(m["init"], {}).get("vs_random"))] for m in det]
+        lines += markdown_table(["initialisation", "AP", "AP50", "AP75", "AP50 vs random"], rows)
         lines += [""] + [f"![{i} detections](det_{i}/predictions.png) `{i}`" for i in INITS if f"det_{i}" in records]
         sections.append("\n".join(lines))
     seg = [records[f"seg_{i}"]["metrics"] for i in INITS if f"seg_{i}" in records]
     if seg:
+        n = next(iter(seg_evidence.values()))["num_images"] if seg_evidence else None
         lines = ["## Semantic segmentation (FCN, shapes-VOC val)", "",
-                 f"Fine-tuned for {seg[0]['iters']} iterations from each initialisation; MMSeg's IoUMetric.", ""]
-        lines += markdown_table(["initialisation", "mIoU", "aAcc"], [[m["init"], m["mIoU"], m["aAcc"]] for m in seg])
+                 f"Fine-tuned for {seg[0]['iters']} iterations from each initialisation; MMSeg's IoUMetric."
+                 + (f" mIoU brackets: 95% bootstrap intervals over the {n} validation images; the last column is the "
+                    "paired bootstrap of the mIoU difference from random initialisation." if n else ""), ""]
+        rows = [[m["init"], _with_interval(seg_evidence, m["init"], m["mIoU"]), m["aAcc"],
+                 difference_text(seg_evidence.get(m["init"], {}).get("vs_random"))] for m in seg]
+        lines += markdown_table(["initialisation", "mIoU", "aAcc", "mIoU vs random"], rows)
         lines += [""] + [f"![{i} segmentation](seg_{i}/predictions.png) `{i}`" for i in INITS if f"seg_{i}" in records]
         sections.append("\n".join(lines))
     return sections

@@ -7,10 +7,14 @@ import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
-from .upstream import METHODS, read_log
+from . import stats
+from .runner import read_json
+from .upstream import METHODS, PER_IMAGE, read_log
 
 LOSS_FIGURE = "loss_curves.png"
 ACCURACY_FIGURE = "accuracy.png"
+KNN_FIGURE = "knn_curves.png"
+BASELINE = "moco_v2"  # the student every distilled student is compared with
 
 
 def _fmt(value) -> str:
@@ -50,7 +54,59 @@ def loss_figure(out: Path, records: Mapping[str, Dict]) -> Path:
     return path
 
 
-def evaluation_rows(records: Mapping[str, Dict]) -> List[List]:
+def knn_figure(out: Path, records: Mapping[str, Dict]) -> Path:
+    """The online k-NN monitor's top-1 against step: teacher pretraining and each student's distillation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ["teacher"] + [f"distill_{m}" for m in METHODS]:
+        points = [(r["step"], r["knn_top1"]) for r in read_log(out / name) if "knn_top1" in r] if name in records else []
+        if points:
+            ax.plot(*zip(*points), label=name.replace("distill_", ""), marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_title("Online k-NN monitor on the classification split, while training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = out / KNN_FIGURE
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frozen_feature_evidence(out: Path, records: Mapping[str, Dict]) -> Dict[str, Dict]:
+    """Per evaluated model: linear and k-NN top-1 with intervals, and the linear gap to the baseline student."""
+    per_image = {}
+    for model in ["teacher"] + list(METHODS):
+        if f"eval_{model}" in records and (out / f"eval_{model}" / PER_IMAGE).exists():
+            for which, flags in read_json(out / f"eval_{model}" / PER_IMAGE).items():
+                per_image[(model, which)] = flags
+    if not per_image:
+        return {}
+    n = len(next(iter(per_image.values()))["linear"])
+    baseline = per_image.get((BASELINE, "backbone"))
+    evidence = {}
+    for (model, which), flags in per_image.items():
+        linear = stats.accuracy(flags["linear"])
+        entry = {"linear": stats.bootstrap(linear, n), "knn": stats.bootstrap(stats.accuracy(flags["knn"]), n), "vs_baseline": None}
+        if baseline is not None and model != BASELINE:
+            entry["vs_baseline"] = stats.paired_difference(linear, stats.accuracy(baseline["linear"]), n)
+        evidence[(model, which)] = entry
+    return evidence
+
+
+def difference_text(estimate) -> str:
+    if estimate is None:
+        return "-"
+    verdict = "significant" if stats.significant(estimate) else "not significant"
+    return f"{estimate.value:+.1f} [{estimate.low:+.1f}, {estimate.high:+.1f}] ({verdict})"
+
+
+def evaluation_rows(records: Mapping[str, Dict], evidence: Mapping = None) -> List[List]:
     rows = []
     for model in ["teacher"] + list(METHODS):
         record = records.get(f"eval_{model}")
@@ -58,23 +114,31 @@ def evaluation_rows(records: Mapping[str, Dict]) -> List[List]:
             continue
         for which, m in record["metrics"].items():
             label = f"{model} ({'adapter' if which == 'adapter' else 'backbone'}, {m['dim']}-d)"
-            rows.append([label, m["linear_top1"], m["linear_top5"], m["knn_top1"]])
+            e = (evidence or {}).get((model, which))
+            linear = str(e["linear"]) if e else m["linear_top1"]
+            knn = str(e["knn"]) if e else m["knn_top1"]
+            rows.append([label, linear, m["linear_top5"], knn, difference_text(e["vs_baseline"]) if e else "-"])
     return rows
 
 
-def accuracy_figure(out: Path, rows: Sequence[Sequence]) -> Path:
-    """Linear-probe and k-NN top-1 side by side for every evaluated model."""
+def accuracy_figure(out: Path, rows: Sequence[Mapping]) -> Path:
+    """Linear-probe and k-NN top-1 side by side for every evaluated model, with bootstrap intervals.
+
+    ``rows``: dicts with ``label`` and ``linear`` / ``knn`` :class:`stats.Estimate`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r[0] for r in rows]
+    labels = [r["label"] for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     width = 0.38
-    ax.bar([i - width / 2 for i in x], [r[1] for r in rows], width, label="linear probe top-1")
-    ax.bar([i + width / 2 for i in x], [r[3] for r in rows], width, label="k-NN top-1")
+    for offset, column, name in ((-width / 2, "linear", "linear probe top-1"), (width / 2, "knn", "k-NN top-1")):
+        values = [r[column].value for r in rows]
+        errors = [[r[column].value - r[column].low for r in rows], [r[column].high - r[column].value for r in rows]]
+        ax.bar([i + offset for i in x], values, width, yerr=errors, capsize=3, label=f"{name} (95% interval)")
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("accuracy (%)")
@@ -88,8 +152,12 @@ def accuracy_figure(out: Path, rows: Sequence[Sequence]) -> Path:
     return path
 
 
-def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[str, Dict], sections: Sequence[str] = ()) -> Path:
-    """``report.md`` and ``summary.json`` in ``out``; ``sections`` are extra markdown blocks (downstream stages)."""
+def write_report(
+    out: Path, preset_name: str, preset: Mapping, records: Mapping[str, Dict], sections: Sequence[str] = (),
+    verdict: Sequence[str] = (),
+) -> Path:
+    """``report.md`` and ``summary.json`` in ``out``; ``sections`` are extra markdown blocks (downstream stages),
+    ``verdict`` the lines of the summary in words that opens the report."""
     lines = [f"# retro-transfer pipeline report (preset `{preset_name}`)", ""]
     lines.append(f"Seed {preset['seed']}. Every number below comes from the stage records in this folder; "
                  "`DATA` stands for `data/shapes` in this folder. Re-running the pipeline skips stages whose output is up to date.")
@@ -110,15 +178,26 @@ def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[
         lines += markdown_table(["method", "student", "steps", "loss", "terms", "img/s"], distill_rows)
         lines += ["", f"![losses]({loss_figure(out, records).name})"]
 
-    rows = evaluation_rows(records)
+    evidence = frozen_feature_evidence(out, records)
+    rows = evaluation_rows(records, evidence)
     if rows:
+        num_val = next(iter(records["eval_teacher"]["metrics"].values())).get("num_val") if "eval_teacher" in records else None
         lines += ["", "## Frozen-feature evaluation", "",
                   f"Linear probe on features computed once (centre crop, {preset['probe_epochs']} epochs, lr {preset['probe_lr']}) "
-                  f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split.", ""]
-        lines += markdown_table(["model (features)", "linear top-1", "linear top-5", "k-NN top-1"], rows)
-        lines += ["", f"![accuracy]({accuracy_figure(out, rows).name})"]
+                  f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split"
+                  + (f" ({num_val} validation images: one image is {100 / num_val:.2f} points)" if num_val else "")
+                  + f". Brackets: 95% bootstrap intervals over validation images; the last column is the paired "
+                  f"bootstrap of the linear top-1 difference from the {BASELINE} (MoCo v2 alone) student.", ""]
+        lines += markdown_table(["model (features)", "linear top-1", "linear top-5", "k-NN top-1", f"linear vs {BASELINE}"], rows)
+        if evidence:
+            bars = [{"label": f"{m} ({w})", **e} for (m, w), e in evidence.items()]
+            lines += ["", f"![accuracy]({accuracy_figure(out, bars).name})"]
+        lines += ["", "k-NN top-1 of the online networks while they trained (the engine's monitor):", "",
+                  f"![k-NN curves]({knn_figure(out, records).name})"]
     for section in sections:
         lines += ["", section]
+    if verdict:
+        lines[2:2] = ["", "## Verdict", "", *verdict, ""]
 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -126,3 +205,39 @@ def write_report(out: Path, preset_name: str, preset: Mapping, records: Mapping[
                "stages": {name: {"seconds": r["seconds"], "command": r["command"], "metrics": r["metrics"]} for name, r in records.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def _said(difference) -> str:
+    return "significant" if stats.significant(difference) else "not significant: the interval includes 0"
+
+
+def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mapping, segmentation: Mapping) -> List[str]:
+    """The report's opening: what beat what, in words, each difference with its interval and significance."""
+    lines = []
+    teacher = frozen.get(("teacher", "backbone"))
+    if teacher:
+        arch = records["teacher"]["metrics"]["arch"]
+        classes = records["data"]["metrics"]["classes"]
+        lines.append(f"- **Teacher** ({arch}, MoCo v2, no labels): linear-probe top-1 {teacher['linear']} "
+                     f"(chance {100 / classes:.1f}).")
+    baseline = frozen.get((BASELINE, "backbone"))
+    if baseline:
+        parts = []
+        for method in METHODS:
+            e = frozen.get((method, "backbone"))
+            if method != BASELINE and e and e["vs_baseline"] is not None:
+                d = e["vs_baseline"]
+                parts.append(f"{method} {e['linear']}, {d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}] ({_said(d)})")
+        lines.append(f"- **Students** against the MoCo-v2-alone student ({baseline['linear']}): " + "; ".join(parts) + ".")
+    retro = frozen.get(("retro", "backbone"))
+    if teacher and retro:
+        gap = retro["linear"].value - teacher["linear"].value
+        lines.append(f"- **Retro student vs teacher**: {gap:+.1f} points of linear-probe top-1 "
+                     f"({retro['linear']} against {teacher['linear']}).")
+    for task, metric, evidence in (("Detection", "AP50", detection), ("Segmentation", "mIoU", segmentation)):
+        if "retro" in evidence and evidence["retro"]["vs_random"] is not None:
+            d = evidence["retro"]["vs_random"]
+            lines.append(f"- **{task}** ({metric}): from the Retro student {evidence['retro']['value']}, from random "
+                         f"initialisation {evidence['random']['value']}; difference {d.value:+.1f} "
+                         f"[{d.low:+.1f}, {d.high:+.1f}] ({_said(d)}).")
+    return lines

@@ -12,7 +12,6 @@ through the changed run id, every stage after it, and nothing else.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -61,10 +60,19 @@ def read_record(folder: Path) -> Optional[Dict]:
         return None
 
 
+def save_json(obj, path: Path) -> None:
+    """Write JSON atomically (a crash leaves the old file or the new one, never half of one)."""
+    from retro_transfer.checkpoints import save_atomic
+
+    save_atomic(obj, path, dump=lambda o, f: f.write((json.dumps(o, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
 def _write_record(folder: Path, record: Dict) -> None:
-    tmp = folder / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / RECORD)
+    save_json(record, folder / RECORD)
 
 
 def _check_graph(stages: Sequence[Stage]) -> None:

@@ -17,9 +17,9 @@ from distill.config import load_config
 from distill.engine import Trainer
 from distill.teacher_export import to_moco_v2_release
 from retro_transfer.checkpoints import load_encoder, safe_load, save_atomic
-from retro_transfer.data.shapes import ShapesConfig, generate
+from retro_transfer.data.shapes import CLASSES, ShapesConfig, generate
 
-from .runner import Context, Stage
+from .runner import Context, Stage, save_json
 
 METHODS = ("moco_v2", "seed", "disco", "retro")
 TEACHER_FILE = "checkpoint_last.pth.tar"
@@ -58,7 +58,7 @@ def _data(ctx: Context, folder: Path) -> Dict:
     p = ctx.preset
     cfg = ShapesConfig(num_images=p["num_images"], size=p["image_side"], seed=p["seed"])
     generate(data_dir(ctx), cfg)
-    return {"voc_images": cfg.num_images, "image_side": cfg.size, "classification_train": cfg.num_classification_train,
+    return {"classes": len(CLASSES), "voc_images": cfg.num_images, "image_side": cfg.size, "classification_train": cfg.num_classification_train,
             "classification_val": cfg.num_classification_val, "unlabeled": cfg.num_unlabeled}
 
 
@@ -81,6 +81,10 @@ def _overrides(ctx: Context, folder: Path, steps: int) -> List[str]:
         f"log.every={max(1, steps // 50)}",
         "log.tensorboard=false",
         f"seed={p['seed']}",
+        # The online k-NN monitor on the classification split: the accuracy curves of the report.
+        f"eval.knn_data={data_dir(ctx) / 'classification'}",
+        f"eval.every={max(1, steps // p['knn_points'])}",
+        f"eval.knn_k={p['knn_k']}",
     ]
 
 
@@ -143,18 +147,26 @@ def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
     train_feats, train_labels = extract_features(encoder, train_loader)
     val_feats, val_labels = extract_features(encoder, val_loader)
     k = min(p["knn_k"], len(train))
-    knn = topk_accuracy(knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k), val_labels)
+    knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k)
+    knn = topk_accuracy(knn_scores, val_labels)
     probe = train_linear_probe(
         encoder, make_loader(train, 64, shuffle=True, seed=p["seed"]), val_loader, len(train.classes),
         epochs=p["probe_epochs"], lr=p["probe_lr"], precompute_features=True, seed=p["seed"],
     )
+    per_image = {"linear": probe["val_correct"], "knn": (knn_scores.argmax(dim=1) == val_labels).int().tolist()}
     return {"features": which, "dim": info["dim"], "knn_top1": knn["top1"], "knn_k": k,
-            "linear_top1": probe["top1"], "linear_top5": probe["top5"]}
+            "linear_top1": probe["top1"], "linear_top5": probe["top5"], "num_val": len(val), "per_image": per_image}
+
+
+PER_IMAGE = "per_image.json"
 
 
 def _eval_stage(model: str, checkpoint_of, which_list):
     def run(ctx: Context, folder: Path) -> Dict:
-        return {which: _evaluate(ctx, checkpoint_of(ctx), which) for which in which_list}
+        results = {which: _evaluate(ctx, checkpoint_of(ctx), which) for which in which_list}
+        # Per-image correctness (for the report's intervals) beside the record, not in it.
+        save_json({which: r.pop("per_image") for which, r in results.items()}, folder / PER_IMAGE)
+        return results
 
     return run
 
