@@ -57,6 +57,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_adapter_widths",
+    "check_queue_against_data",
     "describe_keys",
     "dump_yaml",
     "load_config",
@@ -80,6 +81,8 @@ TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # train.lr is the rate for this global batch; the engine uses lr * batch_size / 256.
 BASE_BATCH_SIZE = 256
+# A queue over this many times the data set's images x views is refused unless loss.force_queue_size.
+QUEUE_DATA_BOUND = 16
 BASE_KEY = "_base_"
 DATA_HINT = (
     "generate the shapes data with `python tools/make_shapes.py --out data/shapes` and use "
@@ -185,6 +188,9 @@ class LossConfig(_Section):
         choices=MSE_REDUCTIONS,
     )
     consistency_weight: float = _opt(1.0, "weight of each teacher-consistency MSE term (disco, retro)", ge=0)
+    force_queue_size: bool = _opt(
+        False, f"accept a queue over {QUEUE_DATA_BOUND}x the data set's images x views (refused otherwise: it only repeats images)"
+    )
 
 
 @dataclass(frozen=True)
@@ -203,6 +209,9 @@ class DataConfig(_Section):
         "decode the whole image set once and keep it in memory as uint8 when it takes at most this many MiB "
         "(the shapes data: a few MiB); larger sets (ImageNet) stream from disk; 0: always stream",
         ge=0,
+    )
+    skip_bad_images: bool = _opt(
+        False, "train without the image files whose header does not read (refused otherwise, listing them)"
     )
 
 
@@ -279,6 +288,11 @@ class Config(_Section):
     output_dir: str = _opt("runs/distill", "folder for checkpoints, logs and config.yaml")
     seed: int = _opt(0, "random seed", ge=0, le=2**32 - 1)
     resume: Optional[str] = _opt(None, "null: start fresh; auto: continue from output_dir's last checkpoint if any; or a checkpoint path")
+    overwrite: bool = _opt(
+        False,
+        "start a new run in an output_dir that holds one, deleting its checkpoints, log.jsonl, config.yaml and "
+        "tensorboard/ first (refused otherwise, so two runs never mix)",
+    )
     student: StudentConfig = _section(StudentConfig, "the trained network")
     teacher: TeacherConfig = _section(TeacherConfig, "the frozen teacher")
     adapter: AdapterConfig = _section(AdapterConfig, "Retro's adapter")
@@ -297,6 +311,7 @@ class Config(_Section):
         _check_teacher_given(self)
         _check_bn_splits(self)
         _check_monitor(self)
+        _check_overwrite(self)
 
     @property
     def uses_teacher(self) -> bool:
@@ -496,6 +511,36 @@ def _check_teacher_given(cfg: Config) -> None:
             f"teacher.checkpoint is required for method {cfg.method!r}: set it to a MoCo v2 checkpoint "
             "(e.g. the official moco_v2_800ep_pretrain.pth.tar) with teacher.checkpoint=PATH; only moco_v2 needs no teacher"
         )
+
+
+def _check_overwrite(cfg: Config) -> None:
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError(
+            f"overwrite=true starts a new run (deleting the one in output_dir) and resume={cfg.resume} continues one; "
+            "set only one of them"
+        )
+
+
+def check_queue_against_data(cfg: Config, num_images: int, views: int) -> Optional[str]:
+    """A warning when the queue outgrows the data set's images x views, an error far beyond it.
+
+    A step enqueues one key per image of its batch, so a queue that long holds
+    stale keys of the same images again as negatives; far beyond it, it only
+    costs memory and checkpoint size (an 8-million queue on 40 images made
+    4 GB checkpoints). Known only once the images are listed, so the engine
+    calls this before it writes anything.
+    """
+    queue, limit = cfg.loss.queue_size, num_images * views
+    if queue <= limit:
+        return None
+    what = f"loss.queue_size {queue} exceeds the data set's {num_images} images x {views} views = {limit}"
+    fit = max(cfg.train.batch_size, limit // cfg.train.batch_size * cfg.train.batch_size)
+    if queue > QUEUE_DATA_BOUND * limit and not cfg.loss.force_queue_size:
+        raise ConfigError(
+            f"{what} more than {QUEUE_DATA_BOUND} times over, so it holds each image many times and only makes "
+            f"checkpoints large; use e.g. loss.queue_size={fit}, or set loss.force_queue_size=true to run it anyway"
+        )
+    return f"warning: {what}, so the queue holds some images more than once as negatives; e.g. loss.queue_size={fit} does not"
 
 
 # --------------------------------------------------------------------------- timm names

@@ -12,6 +12,7 @@ pickle that asks to run code is refused, never retried with the unsafe loader.
 """
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -115,7 +116,9 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     The data goes to a temporary file in the same directory (so the rename
     stays on one file system), is flushed to disk, and then replaces ``path``
     in one ``os.replace``; the directory is synced so the rename survives a
-    power cut. A crash at any point leaves either the old file or the new one.
+    power cut. A crash at any point leaves either the old file or the new one
+    (and, after a kill, a temporary file that :func:`remove_stale_temporaries`
+    deletes). A failed write is a ``CheckpointError`` that says so in one line.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -131,10 +134,50 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e}; any previous file there is unchanged") from e
+        os_error = _os_error_in(e)
+        if os_error is not None:
+            raise CheckpointError(_write_failed_message(path, os_error)) from e
         raise
     _fsync_directory(path.parent)
+
+
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # save_atomic's ``.NAME.PID.HEX.tmp``
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[Path]:
+    """Delete the temporary files that a killed :func:`save_atomic` left in ``directory``; return them.
+
+    Only safe when nothing is writing there: call it when a run starts.
+    """
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()] if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write, also when torch wraps it.
+
+    ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected
+    pos`` and leaves the OSError (e.g. ENOSPC) only in ``__context__``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_failed_message(path: Path, error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left to write {path} ({error.strerror}); the previous {path.name} there (if any) is "
+            "unchanged and the partial file was removed: free disk space or write to another folder, then run again"
+        )
+    return f"cannot write {path}: {error}; any previous file there is unchanged"
 
 
 def _fsync_directory(directory: Path) -> None:

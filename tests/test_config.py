@@ -347,7 +347,7 @@ def test_resume_path_must_exist_unless_auto(tmp_path):
 def test_to_dict_from_dict_round_trip():
     cfg = _load("train.lr=1e-4", "resume=auto", "train.grad_clip=2", "student.head_hidden=512")
     d = cfg.to_dict()
-    assert set(d) == {"method", "output_dir", "seed", "resume", "student", "teacher", "adapter", "loss", "data", "train", "eval", "log", "checkpoint"}
+    assert set(d) == {"method", "output_dir", "seed", "resume", "overwrite", "student", "teacher", "adapter", "loss", "data", "train", "eval", "log", "checkpoint"}
     assert Config.from_dict(d) == cfg
     assert Config.from_dict(yaml.safe_load(yaml.safe_dump(d))) == cfg
 
