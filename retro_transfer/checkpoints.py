@@ -503,18 +503,24 @@ def _build(factory, *args, source: str, **kwargs):
         raise CheckpointError(f"{source}: {e}") from e
 
 
+def _trained_student(ckpt: Mapping, source: str) -> Student:
+    """The ``Student`` of a distillation checkpoint with its trained weights, every tensor accounted for."""
+    arch, body, _ = extract_student_state(ckpt)
+    student = _build(Student, arch, source=source)
+    _load_checked(student.body, body, lambda k: "student.body." + k, source)
+    return student
+
+
 def _student_encoder(ckpt: Mapping, which: str, source: str) -> Tuple[nn.Module, dict]:
     """The trained student of a distillation checkpoint, read at its last feature map or after the adapter."""
-    arch, body, _ = extract_student_state(ckpt)
-    model = ckpt["model"]
+    student = _trained_student(ckpt, source)
+    arch, model = student.arch, ckpt["model"]
     adapter_state = {k[len("adapter.") :]: v for k, v in model.items() if k.startswith("adapter.")}
     if which == "adapter" and not adapter_state:
         raise CheckpointError(
             f"{source} is a {ckpt.get('method', 'non-Retro')} checkpoint: only Retro checkpoints have an adapter; "
             "use which='backbone'"
         )
-    student = _build(Student, arch, source=source)
-    _load_checked(student.body, body, lambda k: "student.body." + k, source)
     if which == "backbone":
         info = {"source": "student", "arch": arch, "features": "backbone", "dim": student.out_channels}
         return _PooledFeatures(student), info
@@ -553,3 +559,22 @@ def load_encoder(path: PathLike, which: str = "backbone") -> Tuple[nn.Module, di
     teacher, _ = _teacher_from_checkpoint(ckpt, source)
     info = {"source": "teacher", "arch": teacher.arch, "features": "backbone", "dim": teacher.out_channels}
     return _freeze(_PooledFeatures(teacher)), info
+
+
+def load_student(path: PathLike) -> Tuple[Student, dict]:
+    """The trained student of a distillation checkpoint, frozen: what the exporters write out.
+
+    Unlike :func:`load_encoder` this refuses teacher checkpoints: exporting a
+    file that holds no student would hand the user the wrong network.
+    """
+    ckpt = safe_load(path)
+    source = str(path)
+    if not _is_distill(ckpt):
+        raise CheckpointError(
+            f"no student in {source}: it is not a retro-transfer distillation checkpoint (no 'format': "
+            f"'{DISTILL_FORMAT}' entry); pass the checkpoint_last.pth that tools/distill.py writes"
+        )
+    student = _trained_student(ckpt, source)
+    info = {"source": "student", "arch": student.arch, "method": ckpt.get("method"), "step": ckpt.get("step"),
+            "dim": student.out_channels}
+    return _freeze(student), info
