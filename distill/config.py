@@ -43,6 +43,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "TEACHER_ARCHS",
+    "TEACHER_FAMILIES",
     "TEACHER_METHODS",
     "AdapterConfig",
     "CheckpointConfig",
@@ -77,7 +78,12 @@ MSE_REDUCTIONS = ("batch_mean", "sum")
 # Kept equal to retro_transfer.models (adapters.ADAPTER_KINDS, teachers.TEACHER_ARCHS);
 # repeated here so that reading a config does not import torch.
 ADAPTER_KINDS = ("auto", "inverted_residual", "bottleneck")
-TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TEACHER_ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnet50w2", "resnet50w4", "resnet50w5", "resnet101w2", "resnet152w2",
+)
+# Kept equal to the modules of retro_transfer.teacher_families (tests check it).
+TEACHER_FAMILIES = ("moco_v2", "moco_v3", "swav", "dino", "simclr", "byol")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # train.lr is the rate for this global batch; the engine uses lr * batch_size / 256.
 BASE_BATCH_SIZE = 256
@@ -151,9 +157,16 @@ class TeacherConfig(_Section):
     """The frozen self-supervised teacher (seed, disco, retro); moco_v2 ignores this section."""
 
     _prefix = "teacher."
-    arch: str = _opt("resnet50", "torchvision ResNet of the teacher checkpoint", choices=TEACHER_ARCHS)
+    arch: str = _opt("resnet50", "torchvision ResNet of the teacher checkpoint (w2: twice as wide)", choices=TEACHER_ARCHS)
     checkpoint: Optional[str] = _opt(
-        None, "MoCo v2 checkpoint file (official layout: state_dict with module.encoder_q.*); required by seed/disco/retro"
+        None,
+        "self-supervised teacher file as released (e.g. moco_v2_800ep_pretrain.pth.tar; README 'Teachers' lists them); "
+        "required by seed/disco/retro",
+    )
+    family: str = _opt(
+        "auto",
+        "layout of teacher.checkpoint; auto recognises it from the keys, a name forces that family",
+        choices=("auto",) + TEACHER_FAMILIES,
     )
     bn_train_mode: bool = _opt(
         False,
@@ -508,7 +521,7 @@ def _check_monitor(cfg: Config) -> None:
 def _check_teacher_given(cfg: Config) -> None:
     if cfg.uses_teacher and not cfg.teacher.checkpoint:
         raise ConfigError(
-            f"teacher.checkpoint is required for method {cfg.method!r}: set it to a MoCo v2 checkpoint "
+            f"teacher.checkpoint is required for method {cfg.method!r}: set it to a self-supervised teacher file "
             "(e.g. the official moco_v2_800ep_pretrain.pth.tar) with teacher.checkpoint=PATH; only moco_v2 needs no teacher"
         )
 
@@ -818,7 +831,7 @@ def validate_paths(cfg: Config) -> None:
     """Filesystem checks, run before a long job rather than failing inside it."""
     _check_train_dir(cfg.data.train_dir)
     if cfg.uses_teacher:
-        _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's MoCo v2 checkpoint")
+        _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's checkpoint")
     if cfg.resume not in (None, "auto"):
         _check_file("resume", cfg.resume, "use resume=auto to continue output_dir's run if there is one, or resume=null")
     if cfg.eval.knn_data:

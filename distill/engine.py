@@ -104,7 +104,7 @@ def build_method(cfg: Config, bn_splits: int = 1) -> DistillMethod:
         )
     if not cfg.teacher.checkpoint:
         raise ConfigError(f"method {cfg.method} needs a teacher: set teacher.checkpoint=PATH")
-    teacher, report = load_teacher(cfg.teacher.checkpoint, arch=cfg.teacher.arch, require_head=True)
+    teacher, report = load_teacher(cfg.teacher.checkpoint, arch=cfg.teacher.arch, require_head=True, family=cfg.teacher.family)
     if dist_utils.is_main_process():
         print(report.summary())
     common = dict(teacher_bn_train=cfg.teacher.bn_train_mode, queue_size=cfg.loss.queue_size, temperature=cfg.loss.temperature)

@@ -228,7 +228,8 @@ def test_wrong_type(text, message):
     ("train.schedule", "step", "cosine, constant"),
     ("loss.mse_reduction", "mean", "batch_mean, sum"),
     ("adapter.kind", "mlp", "auto, inverted_residual, bottleneck"),
-    ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152"),
+    ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152, resnet50w2, resnet50w4, resnet50w5, resnet101w2, resnet152w2"),
+    ("teacher.family", "mocov3", "auto, moco_v2, moco_v3, swav, dino, simclr, byol"),
 ])
 def test_bad_choice(key, bad, accepted):
     with pytest.raises(ConfigError) as err:
