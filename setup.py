@@ -24,6 +24,10 @@ MMSEG_REQUIRES = [
     "ftfy",
     "regex",
 ]
+# tools/export.py --format onnx: torch's exporter (dynamo=True) needs onnxscript,
+# and onnxruntime checks the exported graph against PyTorch. Lower bounds are
+# the versions tested.
+EXPORT_REQUIRES = ["onnx>=1.23", "onnxscript>=0.7", "onnxruntime>=1.32"]
 DEV_REQUIRES = ["pytest>=7", "pytest-timeout"]
 
 setup(
@@ -46,7 +50,8 @@ setup(
     extras_require={
         "d2": D2_REQUIRES,
         "mmseg": MMSEG_REQUIRES,
+        "export": EXPORT_REQUIRES,
         "dev": DEV_REQUIRES,
-        "all": D2_REQUIRES + MMSEG_REQUIRES + DEV_REQUIRES,
+        "all": D2_REQUIRES + MMSEG_REQUIRES + EXPORT_REQUIRES + DEV_REQUIRES,
     },
 )

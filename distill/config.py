@@ -43,6 +43,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "TEACHER_ARCHS",
+    "TEACHER_FAMILIES",
     "TEACHER_METHODS",
     "AdapterConfig",
     "CheckpointConfig",
@@ -57,6 +58,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_adapter_widths",
+    "check_queue_against_data",
     "describe_keys",
     "dump_yaml",
     "load_config",
@@ -76,10 +78,17 @@ MSE_REDUCTIONS = ("batch_mean", "sum")
 # Kept equal to retro_transfer.models (adapters.ADAPTER_KINDS, teachers.TEACHER_ARCHS);
 # repeated here so that reading a config does not import torch.
 ADAPTER_KINDS = ("auto", "inverted_residual", "bottleneck")
-TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TEACHER_ARCHS = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnet50w2", "resnet50w4", "resnet50w5", "resnet101w2", "resnet152w2",
+)
+# Kept equal to the modules of retro_transfer.teacher_families (tests check it).
+TEACHER_FAMILIES = ("moco_v2", "moco_v3", "swav", "dino", "simclr", "byol")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # train.lr is the rate for this global batch; the engine uses lr * batch_size / 256.
 BASE_BATCH_SIZE = 256
+# A queue over this many times the data set's images x views is refused unless loss.force_queue_size.
+QUEUE_DATA_BOUND = 16
 BASE_KEY = "_base_"
 DATA_HINT = (
     "generate the shapes data with `python tools/make_shapes.py --out data/shapes` and use "
@@ -148,9 +157,16 @@ class TeacherConfig(_Section):
     """The frozen self-supervised teacher (seed, disco, retro); moco_v2 ignores this section."""
 
     _prefix = "teacher."
-    arch: str = _opt("resnet50", "torchvision ResNet of the teacher checkpoint", choices=TEACHER_ARCHS)
+    arch: str = _opt("resnet50", "torchvision ResNet of the teacher checkpoint (w2: twice as wide)", choices=TEACHER_ARCHS)
     checkpoint: Optional[str] = _opt(
-        None, "MoCo v2 checkpoint file (official layout: state_dict with module.encoder_q.*); required by seed/disco/retro"
+        None,
+        "self-supervised teacher file as released (e.g. moco_v2_800ep_pretrain.pth.tar; README 'Teachers' lists them); "
+        "required by seed/disco/retro",
+    )
+    family: str = _opt(
+        "auto",
+        "layout of teacher.checkpoint; auto recognises it from the keys, a name forces that family",
+        choices=("auto",) + TEACHER_FAMILIES,
     )
     bn_train_mode: bool = _opt(
         False,
@@ -185,6 +201,9 @@ class LossConfig(_Section):
         choices=MSE_REDUCTIONS,
     )
     consistency_weight: float = _opt(1.0, "weight of each teacher-consistency MSE term (disco, retro)", ge=0)
+    force_queue_size: bool = _opt(
+        False, f"accept a queue over {QUEUE_DATA_BOUND}x the data set's images x views (refused otherwise: it only repeats images)"
+    )
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,9 @@ class DataConfig(_Section):
         "decode the whole image set once and keep it in memory as uint8 when it takes at most this many MiB "
         "(the shapes data: a few MiB); larger sets (ImageNet) stream from disk; 0: always stream",
         ge=0,
+    )
+    skip_bad_images: bool = _opt(
+        False, "train without the image files whose header does not read (refused otherwise, listing them)"
     )
 
 
@@ -279,6 +301,11 @@ class Config(_Section):
     output_dir: str = _opt("runs/distill", "folder for checkpoints, logs and config.yaml")
     seed: int = _opt(0, "random seed", ge=0, le=2**32 - 1)
     resume: Optional[str] = _opt(None, "null: start fresh; auto: continue from output_dir's last checkpoint if any; or a checkpoint path")
+    overwrite: bool = _opt(
+        False,
+        "start a new run in an output_dir that holds one, deleting its checkpoints, log.jsonl, config.yaml and "
+        "tensorboard/ first (refused otherwise, so two runs never mix)",
+    )
     student: StudentConfig = _section(StudentConfig, "the trained network")
     teacher: TeacherConfig = _section(TeacherConfig, "the frozen teacher")
     adapter: AdapterConfig = _section(AdapterConfig, "Retro's adapter")
@@ -297,6 +324,7 @@ class Config(_Section):
         _check_teacher_given(self)
         _check_bn_splits(self)
         _check_monitor(self)
+        _check_overwrite(self)
 
     @property
     def uses_teacher(self) -> bool:
@@ -493,9 +521,39 @@ def _check_monitor(cfg: Config) -> None:
 def _check_teacher_given(cfg: Config) -> None:
     if cfg.uses_teacher and not cfg.teacher.checkpoint:
         raise ConfigError(
-            f"teacher.checkpoint is required for method {cfg.method!r}: set it to a MoCo v2 checkpoint "
+            f"teacher.checkpoint is required for method {cfg.method!r}: set it to a self-supervised teacher file "
             "(e.g. the official moco_v2_800ep_pretrain.pth.tar) with teacher.checkpoint=PATH; only moco_v2 needs no teacher"
         )
+
+
+def _check_overwrite(cfg: Config) -> None:
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError(
+            f"overwrite=true starts a new run (deleting the one in output_dir) and resume={cfg.resume} continues one; "
+            "set only one of them"
+        )
+
+
+def check_queue_against_data(cfg: Config, num_images: int, views: int) -> Optional[str]:
+    """A warning when the queue outgrows the data set's images x views, an error far beyond it.
+
+    A step enqueues one key per image of its batch, so a queue that long holds
+    stale keys of the same images again as negatives; far beyond it, it only
+    costs memory and checkpoint size (an 8-million queue on 40 images made
+    4 GB checkpoints). Known only once the images are listed, so the engine
+    calls this before it writes anything.
+    """
+    queue, limit = cfg.loss.queue_size, num_images * views
+    if queue <= limit:
+        return None
+    what = f"loss.queue_size {queue} exceeds the data set's {num_images} images x {views} views = {limit}"
+    fit = max(cfg.train.batch_size, limit // cfg.train.batch_size * cfg.train.batch_size)
+    if queue > QUEUE_DATA_BOUND * limit and not cfg.loss.force_queue_size:
+        raise ConfigError(
+            f"{what} more than {QUEUE_DATA_BOUND} times over, so it holds each image many times and only makes "
+            f"checkpoints large; use e.g. loss.queue_size={fit}, or set loss.force_queue_size=true to run it anyway"
+        )
+    return f"warning: {what}, so the queue holds some images more than once as negatives; e.g. loss.queue_size={fit} does not"
 
 
 # --------------------------------------------------------------------------- timm names
@@ -773,7 +831,7 @@ def validate_paths(cfg: Config) -> None:
     """Filesystem checks, run before a long job rather than failing inside it."""
     _check_train_dir(cfg.data.train_dir)
     if cfg.uses_teacher:
-        _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's MoCo v2 checkpoint")
+        _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's checkpoint")
     if cfg.resume not in (None, "auto"):
         _check_file("resume", cfg.resume, "use resume=auto to continue output_dir's run if there is one, or resume=null")
     if cfg.eval.knn_data:

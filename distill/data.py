@@ -8,6 +8,7 @@ sample, as usual. Both give the same pixels.
 """
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from retro_transfer.utils.progress import progress_bar
+
+from .config import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,6 +49,39 @@ def read_rgb(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
         array = np.array(image.convert("RGB"))  # a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _header_error(path: Path) -> str:
+    """Why PIL cannot read the image header of ``path`` ("" when it can); the pixels are not decoded."""
+    try:
+        with Image.open(path):  # parses the header (format, size, mode) only
+            pass
+    except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
+        return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def unreadable_images(files: Sequence[Path], threads: int = 16) -> List[Tuple[Path, str]]:
+    """The files whose image header does not read, with the reason, in the order of ``files``.
+
+    Run when the data list is built, so that a corrupt file stops a run in
+    seconds rather than at the first batch that meets it, hours in. Opening a
+    header reads a few kilobytes; threads overlap the reads on network disks.
+    """
+    with ThreadPoolExecutor(threads) as pool:
+        errors = list(pool.map(_header_error, files))
+    return [(path, error) for path, error in zip(files, errors) if error]
+
+
+def check_batch_fits(num_samples: int, global_batch: int, world_size: int) -> None:
+    """A step takes one whole global batch of distinct images, split evenly over the processes."""
+    if global_batch % world_size:
+        raise ConfigError(f"train.batch_size {global_batch} must be divisible by the number of processes {world_size}")
+    if num_samples < global_batch:
+        raise ConfigError(
+            f"the data set has {num_samples} images, fewer than one batch of {global_batch}; "
+            "lower train.batch_size or add images"
+        )
 
 
 def decoded_size_mb(files: Sequence[Path]) -> float:
@@ -137,13 +173,7 @@ class StepBatchSampler(Sampler):
     """
 
     def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, start_step: int, max_steps: int):
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size {global_batch} must be divisible by the number of processes {world_size}")
-        if num_samples < global_batch:
-            raise ValueError(
-                f"the data set has {num_samples} images, fewer than one batch of {global_batch}; "
-                "lower train.batch_size or add images"
-            )
+        check_batch_fits(num_samples, global_batch, world_size)
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.max_steps = start_step, max_steps

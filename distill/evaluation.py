@@ -166,12 +166,20 @@ def image_folder(root: Union[str, Path], split: str, transform) -> ImageFolder:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, workers: int = 0, seed: int = 0, pin_memory: bool = False
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
 ) -> DataLoader:
     """A loader whose order and worker seeds follow ``seed`` (reproducible augmentation too).
 
     ``workers`` is capped at the CPUs this process may use (more only add
     start-up time and PyTorch's freeze warning); workers persist across epochs.
+    ``drop_last`` is for training a network whose BatchNorm layers use batch
+    statistics: a last batch of one image would fail there or train on noise.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -186,7 +194,7 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
-        drop_last=False,
+        drop_last=drop_last,
     )
 
 

@@ -1,17 +1,20 @@
 """Checkpoints: safe reading, atomic writing, and the one loader for teachers and trained encoders.
 
 Users bring teacher files made elsewhere (METHOD.md, "The teacher"): the
-official MoCo v2 release, a torchvision ResNet state dict, or a distillation
+official releases of MoCo v2, MoCo v3, SwAV, DINO, the common PyTorch layouts
+of SimCLR and BYOL, a torchvision ResNet state dict, or a distillation
 checkpoint written by this project. ``load_teacher`` tells them apart by their
-key patterns, never by file names, and loads each with no conversion step.
-Every user mistake surfaces as a ``CheckpointError`` whose message says what is
-wrong and how to fix it.
+key patterns, never by file names (``retro_transfer.teacher_families``), and
+loads each with no conversion step. Every user mistake surfaces as a
+``CheckpointError`` whose message says what is wrong and how to fix it.
 
 Files are read with ``weights_only=True`` only: a checkpoint is data, and a
 pickle that asks to run code is refused, never retried with the unsafe loader.
 """
 
+import argparse
 import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -27,15 +30,13 @@ import torch.nn as nn
 
 from .models.adapters import build_adapter
 from .models.students import Student
-from .models.teachers import TEACHER_ARCHS, Teacher
+from .models.teachers import TEACHER_ARCHS, Teacher, join_arch
+from .teacher_families import AUTO, DISTILL_FORMAT, TeacherLayout, recognise
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
-
-DISTILL_FORMAT = "retro-transfer/distill"
-"""Value of the ``"format"`` entry in checkpoints written by this project's distillation engine."""
 
 ENCODER_FEATURES = ("backbone", "adapter")
 
@@ -50,12 +51,12 @@ RESNET_LAYOUTS = {
     ("bottleneck", (3, 8, 36, 3)): "resnet152",
 }
 
-_ACCEPTED_TEACHER_LAYOUTS = (
-    "accepted layouts: (1) a MoCo v2 pretraining checkpoint, {'state_dict': {'module.encoder_q.conv1.weight', ..., "
-    "'module.encoder_q.fc.0.weight', ...}} with or without 'module.'; (2) a torchvision ResNet state dict "
-    "{'conv1.weight', 'layer1.0.conv1.weight', ...}, optionally under 'state_dict'; (3) a retro-transfer "
-    f"distillation checkpoint {{'format': '{DISTILL_FORMAT}', 'model': {{'teacher.backbone.*', 'teacher.head.*'}}}}"
-)
+# Plain data containers that released checkpoints hold besides tensors, allowed
+# on top of weights_only's own list: DINO's full checkpoints keep the training
+# arguments as an argparse.Namespace. Rebuilding one only sets attributes
+# (no __init__, no __setstate__ runs), and its values go through the same
+# restricted unpickler, so no code from the file can run.
+_SAFE_GLOBALS = [argparse.Namespace]
 
 
 class CheckpointError(Exception):
@@ -77,7 +78,8 @@ def safe_load(path: PathLike) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refused_message(path, e)) from e
     except PermissionError as e:
@@ -115,7 +117,9 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     The data goes to a temporary file in the same directory (so the rename
     stays on one file system), is flushed to disk, and then replaces ``path``
     in one ``os.replace``; the directory is synced so the rename survives a
-    power cut. A crash at any point leaves either the old file or the new one.
+    power cut. A crash at any point leaves either the old file or the new one
+    (and, after a kill, a temporary file that :func:`remove_stale_temporaries`
+    deletes). A failed write is a ``CheckpointError`` that says so in one line.
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -131,10 +135,50 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {e}; any previous file there is unchanged") from e
+        os_error = _os_error_in(e)
+        if os_error is not None:
+            raise CheckpointError(_write_failed_message(path, os_error)) from e
         raise
     _fsync_directory(path.parent)
+
+
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # save_atomic's ``.NAME.PID.HEX.tmp``
+
+
+def remove_stale_temporaries(directory: PathLike) -> List[Path]:
+    """Delete the temporary files that a killed :func:`save_atomic` left in ``directory``; return them.
+
+    Only safe when nothing is writing there: call it when a run starts.
+    """
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if _TEMPORARY.fullmatch(p.name) and p.is_file()] if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write, also when torch wraps it.
+
+    ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected
+    pos`` and leaves the OSError (e.g. ENOSPC) only in ``__context__``.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _write_failed_message(path: Path, error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left to write {path} ({error.strerror}); the previous {path.name} there (if any) is "
+            "unchanged and the partial file was removed: free disk space or write to another folder, then run again"
+        )
+    return f"cannot write {path}: {error}; any previous file there is unchanged"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -154,10 +198,17 @@ def _fsync_directory(directory: Path) -> None:
 class LoadReport:
     """What ``load_teacher`` found and did, key by key, so nothing is dropped silently.
 
+    ``format`` is the family (``moco_v2``, ``moco_v3``, ``swav``, ``dino``,
+    ``simclr``, ``byol``) or other layout (``torchvision``,
+    ``retro_transfer_teacher``) the file was read as; ``backbone`` and ``head``
+    say which keys became the backbone and the head, and what the head is.
     ``missing`` and ``unexpected`` use the names as they are (or would be) in
     the file, e.g. ``module.encoder_q.layer1.0.bn1.running_mean``. A teacher
     with missing weights is unusable, so ``load_teacher`` raises rather than
     return one, and ``missing`` is empty in every report it returns.
+    ``ignored`` counts the tensors of the teacher's state dict that are not
+    the teacher, by group; ``other_entries`` are the file's top-level entries
+    that were not read at all (e.g. DINO's ``student``).
     """
 
     format: str
@@ -167,47 +218,29 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     ignored: Dict[str, int] = field(default_factory=dict)
+    backbone: str = ""
+    head: str = ""
+    entry: str = ""
+    other_entries: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         head = "with its projection head" if self.has_head else "without a projection head"
-        lines = [f"teacher {self.arch} ({self.format} layout), {head}: {self.loaded} tensors loaded"]
+        where = f", from the file's {self.entry}" if self.entry else ""
+        lines = [f"teacher {self.arch} ({self.format} layout{where}), {head}: {self.loaded} tensors loaded"]
+        if self.backbone:
+            lines.append(f"backbone: {self.backbone}")
+        if self.head:
+            lines.append(f"head: {self.head}")
         if self.ignored:
             groups = ", ".join(f"{name} ({count})" for name, count in self.ignored.items())
             lines.append(f"ignored, not part of the teacher: {groups}")
+        if self.other_entries:
+            lines.append(f"other entries of the file, not read: {', '.join(self.other_entries)}")
         if self.missing:
             lines.append(f"missing ({len(self.missing)}): {', '.join(self.missing)}")
         if self.unexpected:
             lines.append(f"unexpected, not loaded ({len(self.unexpected)}): {', '.join(self.unexpected)}")
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where the teacher's tensors sit in a file, and how their names map onto ``Teacher``'s.
-
-    ``moco_style`` files name the backbone with bare torchvision keys and the
-    head ``fc.0``/``fc.2``; ours already use ``backbone.*`` and ``head.*``.
-    ``wrapper`` is the ``module.`` that (Distributed)DataParallel puts before
-    every key, dropped from the group names a report shows.
-    """
-
-    format: str
-    prefix: str
-    moco_style: bool
-    wrapper: str = ""
-
-    def to_teacher(self, file_key: str) -> str:
-        key = file_key[len(self.prefix) :]
-        if not self.moco_style:
-            return key
-        return "head." + key[len("fc.") :] if key.startswith(("fc.0.", "fc.2.")) else "backbone." + key
-
-    def to_file(self, teacher_key: str) -> str:
-        if not self.moco_style:
-            return self.prefix + teacher_key
-        if teacher_key.startswith("head."):
-            return self.prefix + "fc." + teacher_key[len("head.") :]
-        return self.prefix + teacher_key[len("backbone.") :]
 
 
 def _is_distill(ckpt: Mapping) -> bool:
@@ -222,48 +255,58 @@ def _first_keys(d: Mapping, n: int = 6) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + more
 
 
-def _detect_layout(ckpt: Mapping, source: str) -> Tuple[_Layout, Mapping]:
-    """Find the state dict that holds the teacher and recognise its layout from key patterns."""
-    if _is_distill(ckpt):
-        model = ckpt.get("model")
-        if not isinstance(model, Mapping):
-            raise CheckpointError(f"{source} says it is a {DISTILL_FORMAT} checkpoint but has no 'model' state dict")
-        return _Layout("retro_transfer_teacher", "teacher.", moco_style=False), model
-    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), Mapping) else ckpt
-    base = "module." if state and all(str(k).startswith("module.") for k in state) else ""
-    if any(str(k).startswith(base + "encoder_q.") for k in state):
-        return _Layout("moco_v2", base + "encoder_q.", moco_style=True, wrapper=base), state
-    if base + "conv1.weight" in state and any(str(k).startswith(base + "layer1.") for k in state):
-        return _Layout("torchvision", base, moco_style=True, wrapper=base), state
-    raise CheckpointError(
-        f"{source} is not a teacher checkpoint this toolkit recognises; its first keys are {_first_keys(state)}. "
-        + _ACCEPTED_TEACHER_LAYOUTS
-    )
+def _detect_layout(ckpt: Mapping, family: str, source: str) -> TeacherLayout:
+    """The family's layout of ``ckpt`` (``teacher_families.recognise``), its refusals naming the file."""
+    try:
+        return recognise(ckpt, family)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
 
 
-def _group_name(key: str, strip: str) -> str:
-    """First component of a key once a common wrapper prefix is gone: the unit a report counts."""
-    return (key[len(strip) :] if key.startswith(strip) else key).split(".", 1)[0]
-
-
-def _split_teacher(layout: _Layout, state: Mapping, source: str) -> Tuple[StateDict, Dict[str, int]]:
-    """Teacher tensors under ``Teacher``'s names, and counts of every other group in the file."""
-    teacher: StateDict = {}
-    ignored: Counter = Counter()
-    for key, value in state.items():
-        if not key.startswith(layout.prefix):
-            ignored[_group_name(key, layout.wrapper)] += 1
-            continue
-        if layout.moco_style and key[len(layout.prefix) :] in ("fc.weight", "fc.bias"):
-            # A single Linear is a classifier (or MoCo v1's linear projection), not H_T.
-            ignored[layout.prefix[len(layout.wrapper) :] + "fc (classifier, not a projection head)"] += 1
+def _split_teacher(layout: TeacherLayout, source: str) -> Tuple[StateDict, StateDict, Dict[str, int]]:
+    """Backbone and head tensors under the teacher module's names, and counts of every other group."""
+    backbone: StateDict = {}
+    head: StateDict = {}
+    used = []
+    for key, value in layout.state.items():
+        if layout.head is not None and layout.head.owns(key):
+            part, target = layout.head, head
+        elif layout.backbone.owns(key):
+            part, target = layout.backbone, backbone
+        else:
             continue
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        teacher[layout.to_teacher(key)] = value
-    if not teacher:
-        raise CheckpointError(f"{source} is a {layout.format} checkpoint with no teacher weights under {layout.prefix!r}")
-    return teacher, dict(ignored)
+        target[part.teacher_name(key)] = value
+        used.append(key)
+    if not backbone:
+        raise CheckpointError(
+            f"{source} is a {layout.family} checkpoint with no backbone weights under {layout.backbone.prefix!r}"
+        )
+    return backbone, head, _ignored_groups(layout, used)
+
+
+def _ignored_groups(layout: TeacherLayout, used: List[str]) -> Dict[str, int]:
+    """Counts of the keys that are not the teacher, per group: the shortest name that covers none of the teacher.
+
+    The DDP wrapper is left out of the names, so MoCo v2's key encoder reads
+    ``encoder_k`` and DINO's output layer ``head.last_layer`` (``head`` alone
+    would also cover the embedding's MLP). The family's reason follows a name.
+    """
+    def parts(key: str) -> List[str]:
+        return (key[len(layout.wrapper) :] if key.startswith(layout.wrapper) else key).split(".")
+
+    taken = {tuple(p[:n]) for p in map(parts, used) for n in range(1, len(p) + 1)}
+    used_set = set(used)
+    groups: Counter = Counter()
+    for key in layout.state:
+        if key in used_set:
+            continue
+        p = parts(str(key))
+        n = next((n for n in range(1, len(p) + 1) if tuple(p[:n]) not in taken), len(p))
+        name = ".".join(p[:n])
+        groups[f"{name} ({layout.reasons[name]})" if name in layout.reasons else name] += 1
+    return dict(groups)
 
 
 def _resnet_signature(backbone_keys: List[str]) -> Tuple[str, Tuple[int, ...]]:
@@ -288,33 +331,41 @@ def infer_resnet_arch(state: Mapping[str, torch.Tensor], prefix: str = "") -> Op
     return RESNET_LAYOUTS.get(_resnet_signature(keys))
 
 
-def _resolve_arch(teacher_state: StateDict, arch: Optional[str], source: str) -> str:
+def _infer_teacher_arch(backbone: StateDict) -> Tuple[Optional[str], int]:
+    """Depth from the block layout, width from the stem: SwAV's and SimCLR's ResNet-50-w2 have 128 stem channels."""
+    depth = infer_resnet_arch(backbone)
+    stem = backbone.get("conv1.weight")
+    channels = int(stem.shape[0]) if isinstance(stem, torch.Tensor) and stem.ndim == 4 else 64
+    width = channels // 64 if channels % 64 == 0 and channels >= 64 else 0
+    if depth is None or width == 0 or (width > 1 and depth in ("resnet18", "resnet34")):
+        return None, width
+    return join_arch(depth, width), width
+
+
+def _resolve_arch(backbone: StateDict, arch: Optional[str], source: str) -> str:
     """The checkpoint's architecture; a config that names another one is a user mistake to report."""
-    found = infer_resnet_arch(teacher_state, "backbone.")
+    found, width = _infer_teacher_arch(backbone)
     if arch is not None and arch not in TEACHER_ARCHS:
         raise CheckpointError(f"unknown teacher architecture {arch!r}; choose one of {', '.join(TEACHER_ARCHS)}")
+    if found is not None and found not in TEACHER_ARCHS:
+        raise CheckpointError(
+            f"{source} holds a {found} (a {width}x wide ResNet), which is not supported; supported: {', '.join(TEACHER_ARCHS)}"
+        )
     if found is not None and arch is not None and found != arch:
         raise CheckpointError(
             f"{source}: checkpoint holds a {found} but the config asks for {arch}; "
             f"set the teacher arch to {found}, or leave it unset to infer it from the checkpoint"
         )
     if found is None and arch is None:
-        kind, blocks = _resnet_signature([k[len("backbone.") :] for k in teacher_state if k.startswith("backbone.")])
+        kind, blocks = _resnet_signature(list(backbone))
         known = ", ".join(f"{name} {b}" for (_, b), name in RESNET_LAYOUTS.items())
         raise CheckpointError(
-            f"{source}: cannot tell which ResNet this is: {kind} blocks per stage {blocks} match no torchvision "
-            f"ResNet ({known}); the teacher must be a torchvision ResNet. If it is one with blocks missing, set the "
+            f"{source}: cannot tell which ResNet this is: {kind} blocks per stage {blocks} and a stem of "
+            f"{width * 64 or 'an unknown number of'} channels match no torchvision ResNet ({known}; bottleneck ones "
+            "also 2x/4x/5x wide); the teacher must be a torchvision ResNet. If it is one with blocks missing, set the "
             "teacher arch explicitly to get the list of missing weights"
         )
     return arch or found
-
-
-def _head_dims(teacher_state: StateDict) -> Tuple[Optional[int], int]:
-    """Hidden and output widths of H_T, from fc.0 (hidden x C_t) and fc.2 (out x hidden)."""
-    first, last = teacher_state.get("head.0.weight"), teacher_state.get("head.2.weight")
-    hidden = int(first.shape[0]) if first is not None and first.ndim == 2 else None
-    out = int(last.shape[0]) if last is not None and last.ndim == 2 else 128
-    return hidden, out
 
 
 def _load_checked(module: nn.Module, state: StateDict, file_name, source: str) -> Tuple[int, List[str]]:
@@ -352,41 +403,113 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def _require_head_message(source: str, layout: _Layout, arch: str) -> str:
+def _require_head_message(source: str, layout: TeacherLayout, arch: str) -> str:
     return (
-        f"{source} ({layout.format} layout, {arch}) has no projection head: no fc.0/fc.2 weights as in a MoCo v2 "
-        "checkpoint. Retro reuses the teacher's projection head H_T, and all distillation methods here "
-        "(SEED, DisCo, Retro) use the teacher's projection head, so a checkpoint without one (e.g. a supervised "
-        "torchvision classifier) cannot be the teacher. Pass a MoCo v2 pretraining checkpoint such as "
-        "moco_v2_800ep_pretrain.pth.tar."
+        f"{source} ({layout.family} layout, {arch}) has no projection head. Retro reuses the teacher's projection "
+        "head H_T, and all distillation methods here (SEED, DisCo, Retro) use the teacher's projection head, so a "
+        "checkpoint without one (e.g. a supervised torchvision classifier, or a backbone-only release) cannot be the "
+        "teacher. Pass a self-supervised pretraining checkpoint that keeps its head, such as "
+        "moco_v2_800ep_pretrain.pth.tar, r-50-1000ep.pth.tar (MoCo v3), swav_800ep_pretrain.pth.tar or "
+        "dino_resnet50_pretrain_full_checkpoint.pth (README, 'Teachers')."
     )
 
 
+def _file_namer(layout: TeacherLayout):
+    """Teacher module key -> the key the file has (or would have) for it."""
+    def file_name(key: str) -> str:
+        part_name, _, name = key.partition(".")
+        part = layout.head if part_name == "head" and layout.head is not None else layout.backbone
+        return part.file_name(name)
+
+    return file_name
+
+
+def _uninitialised_teacher(arch: str, head: Optional[nn.Module]) -> Teacher:
+    """A teacher whose tensors are allocated but not initialised, since the file overwrites every one of them.
+
+    ``_load_checked`` refuses a file that lacks any weight, so no uninitialised
+    value survives; skipping torchvision's initialisation saves seconds per
+    ResNet-50 and much more for the wide ones. BatchNorm statistics are reset
+    so that a file older than ``num_batches_tracked`` gets a zero count there.
+    """
+    with torch.device("meta"):
+        teacher = Teacher(arch, with_head=False)
+    teacher.to_empty(device="cpu")
+    for module in teacher.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+    teacher.head = head
+    return teacher
+
+
+def _check_head_input(teacher: Teacher, file_name, source: str) -> None:
+    """The head, whose widths come from its own tensors, must take the backbone's feature width."""
+    if teacher.head is None or teacher.head.in_dim == teacher.out_channels:
+        return
+    first = next(name for name, m in teacher.head.named_modules() if isinstance(m, nn.Linear))
+    weight = teacher.head.get_submodule(first).weight
+    raise CheckpointError(
+        f"{source}: tensor shapes do not match the model: {file_name(f'head.{first}.weight')}: file {tuple(weight.shape)} "
+        f"vs model ({weight.shape[0]}, {teacher.out_channels}); the projection head takes {teacher.head.in_dim} features "
+        f"but the {teacher.arch} backbone gives {teacher.out_channels}"
+    )
+
+
+def _describe_head(layout: TeacherLayout, head: Optional[nn.Module]) -> str:
+    if head is None:
+        return ""
+    return f"{layout.head.describe()} = {head.describe()} (in {head.in_dim}, out {head.out_dim})"
+
+
+def _describe_entries(layout: TeacherLayout) -> str:
+    """Where the teacher was in the file, e.g. "'teacher' entry"; empty when the file is its state dict."""
+    if not layout.entries:
+        return ""
+    return " and ".join(map(repr, layout.entries)) + (" entry" if len(layout.entries) == 1 else " entries")
+
+
 def _teacher_from_checkpoint(
-    ckpt: Mapping, source: str, arch: Optional[str] = None, require_head: bool = False
+    ckpt: Mapping, source: str, arch: Optional[str] = None, require_head: bool = False, family: str = AUTO
 ) -> Tuple[Teacher, LoadReport]:
     """``load_teacher`` on an already-read checkpoint dict."""
-    layout, state = _detect_layout(ckpt, source)
-    teacher_state, ignored = _split_teacher(layout, state, source)
-    arch = _resolve_arch(teacher_state, arch, source)
-    has_head = any(k.startswith("head.") for k in teacher_state)
-    if require_head and not has_head:
+    layout = _detect_layout(ckpt, family, source)
+    backbone, head_state, ignored = _split_teacher(layout, source)
+    arch = _resolve_arch(backbone, arch, source)
+    if require_head and not head_state:
         raise CheckpointError(_require_head_message(source, layout, arch))
-    hidden, dim = _head_dims(teacher_state)
-    teacher = Teacher(arch, with_head=has_head, head_hidden=hidden, dim=dim)
-    loaded, unexpected = _load_checked(teacher, teacher_state, layout.to_file, source)
-    report = LoadReport(layout.format, arch, has_head, loaded, unexpected=unexpected, ignored=ignored)
+    head = _build(layout.build_head, head_state, source=source) if head_state else None
+    teacher = _uninitialised_teacher(arch, head)
+    file_name = _file_namer(layout)
+    _check_head_input(teacher, file_name, source)
+    state = {**{f"backbone.{k}": v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
+    loaded, unexpected = _load_checked(teacher, state, file_name, source)
+    report = LoadReport(
+        layout.family,
+        arch,
+        head is not None,
+        loaded,
+        unexpected=unexpected,
+        ignored=ignored,
+        backbone=f"{layout.backbone.describe()}, as a torchvision {arch}",
+        head=_describe_head(layout, head),
+        entry=_describe_entries(layout),
+        other_entries=[str(k) for k in ckpt if layout.entries and k not in layout.entries],
+    )
     return _freeze(teacher), report
 
 
-def load_teacher(path: PathLike, arch: Optional[str] = None, require_head: bool = False) -> Tuple[Teacher, LoadReport]:
+def load_teacher(
+    path: PathLike, arch: Optional[str] = None, require_head: bool = False, family: str = AUTO
+) -> Tuple[Teacher, LoadReport]:
     """Load a frozen teacher from any accepted layout, with a report of what was (not) loaded.
 
-    The layout (MoCo v2 release, torchvision, retro-transfer distillation) and
-    the architecture are read from the keys and shapes; ``arch``, when given,
-    must agree. ``require_head`` is for distillation, which needs H_T.
+    The layout (a family's release, torchvision, retro-transfer distillation)
+    is recognised from the keys (``retro_transfer.teacher_families``) unless
+    ``family`` names one; the architecture is read from the keys and shapes,
+    and ``arch``, when given, must agree. The head is the family's own,
+    rebuilt from its tensors. ``require_head`` is for distillation, which needs H_T.
     """
-    return _teacher_from_checkpoint(safe_load(path), str(path), arch, require_head)
+    return _teacher_from_checkpoint(safe_load(path), str(path), arch, require_head, family)
 
 
 # --------------------------------------------------------------------------- trained students
@@ -460,18 +583,24 @@ def _build(factory, *args, source: str, **kwargs):
         raise CheckpointError(f"{source}: {e}") from e
 
 
+def _trained_student(ckpt: Mapping, source: str) -> Student:
+    """The ``Student`` of a distillation checkpoint with its trained weights, every tensor accounted for."""
+    arch, body, _ = extract_student_state(ckpt)
+    student = _build(Student, arch, source=source)
+    _load_checked(student.body, body, lambda k: "student.body." + k, source)
+    return student
+
+
 def _student_encoder(ckpt: Mapping, which: str, source: str) -> Tuple[nn.Module, dict]:
     """The trained student of a distillation checkpoint, read at its last feature map or after the adapter."""
-    arch, body, _ = extract_student_state(ckpt)
-    model = ckpt["model"]
+    student = _trained_student(ckpt, source)
+    arch, model = student.arch, ckpt["model"]
     adapter_state = {k[len("adapter.") :]: v for k, v in model.items() if k.startswith("adapter.")}
     if which == "adapter" and not adapter_state:
         raise CheckpointError(
             f"{source} is a {ckpt.get('method', 'non-Retro')} checkpoint: only Retro checkpoints have an adapter; "
             "use which='backbone'"
         )
-    student = _build(Student, arch, source=source)
-    _load_checked(student.body, body, lambda k: "student.body." + k, source)
     if which == "backbone":
         info = {"source": "student", "arch": arch, "features": "backbone", "dim": student.out_channels}
         return _PooledFeatures(student), info
@@ -510,3 +639,22 @@ def load_encoder(path: PathLike, which: str = "backbone") -> Tuple[nn.Module, di
     teacher, _ = _teacher_from_checkpoint(ckpt, source)
     info = {"source": "teacher", "arch": teacher.arch, "features": "backbone", "dim": teacher.out_channels}
     return _freeze(_PooledFeatures(teacher)), info
+
+
+def load_student(path: PathLike) -> Tuple[Student, dict]:
+    """The trained student of a distillation checkpoint, frozen: what the exporters write out.
+
+    Unlike :func:`load_encoder` this refuses teacher checkpoints: exporting a
+    file that holds no student would hand the user the wrong network.
+    """
+    ckpt = safe_load(path)
+    source = str(path)
+    if not _is_distill(ckpt):
+        raise CheckpointError(
+            f"no student in {source}: it is not a retro-transfer distillation checkpoint (no 'format': "
+            f"'{DISTILL_FORMAT}' entry); pass the checkpoint_last.pth that tools/distill.py writes"
+        )
+    student = _trained_student(ckpt, source)
+    info = {"source": "student", "arch": student.arch, "method": ckpt.get("method"), "step": ckpt.get("step"),
+            "dim": student.out_channels}
+    return _freeze(student), info

@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -27,8 +28,6 @@ def keep_tools_dir_off_path(script: str) -> None:
     would then shadow the ``distill`` package for every tool. Call this with
     ``__file__`` before importing ``distill``.
     """
-    from pathlib import Path
-
     here = Path(script).resolve().parent
     sys.path[:] = [p for p in sys.path if p == "" or Path(p).resolve() != here]
 
@@ -65,16 +64,34 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def add_evaluation_inputs(parser: argparse.ArgumentParser) -> None:
-    """The arguments the linear-probe and k-NN tools share: what to evaluate, on what data, how it is loaded."""
+def check_checkpoint_file(checkpoint: str) -> None:
+    """Fail in one line on a checkpoint path that is absent or a folder (before seconds of imports)."""
+    if not Path(checkpoint).exists():
+        fail(f"checkpoint {checkpoint} does not exist")
+    if not Path(checkpoint).is_file():
+        fail(f"checkpoint {checkpoint} is a folder, not a checkpoint file")
+
+
+def fail_on_checkpoint(checkpoint: str, message: str) -> NoReturn:
+    """Fail with a checkpoint problem, naming the file when the library's message does not."""
+    fail(message if str(checkpoint) in message else f"cannot use checkpoint {checkpoint}: {message}")
+
+
+def add_evaluation_inputs(parser: argparse.ArgumentParser, features: bool = True) -> None:
+    """The arguments the evaluation tools share: what to evaluate, on what data, how it is loaded.
+
+    ``features=False`` leaves out ``--features`` for protocols that fine-tune
+    the backbone itself (the Retro adapter is a distillation-only module).
+    """
     parser.add_argument("checkpoint", help="distillation checkpoint, or a teacher checkpoint (e.g. MoCo v2 .pth.tar)")
     parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
-    parser.add_argument(
-        "--features",
-        choices=("backbone", "adapter"),
-        default="backbone",
-        help="use the pooled backbone (default) or the Retro adapter output",
-    )
+    if features:
+        parser.add_argument(
+            "--features",
+            choices=("backbone", "adapter"),
+            default="backbone",
+            help="use the pooled backbone (default) or the Retro adapter output",
+        )
     parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
     parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")

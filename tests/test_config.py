@@ -228,7 +228,8 @@ def test_wrong_type(text, message):
     ("train.schedule", "step", "cosine, constant"),
     ("loss.mse_reduction", "mean", "batch_mean, sum"),
     ("adapter.kind", "mlp", "auto, inverted_residual, bottleneck"),
-    ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152"),
+    ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152, resnet50w2, resnet50w4, resnet50w5, resnet101w2, resnet152w2"),
+    ("teacher.family", "mocov3", "auto, moco_v2, moco_v3, swav, dino, simclr, byol"),
 ])
 def test_bad_choice(key, bad, accepted):
     with pytest.raises(ConfigError) as err:
@@ -347,7 +348,7 @@ def test_resume_path_must_exist_unless_auto(tmp_path):
 def test_to_dict_from_dict_round_trip():
     cfg = _load("train.lr=1e-4", "resume=auto", "train.grad_clip=2", "student.head_hidden=512")
     d = cfg.to_dict()
-    assert set(d) == {"method", "output_dir", "seed", "resume", "student", "teacher", "adapter", "loss", "data", "train", "eval", "log", "checkpoint"}
+    assert set(d) == {"method", "output_dir", "seed", "resume", "overwrite", "student", "teacher", "adapter", "loss", "data", "train", "eval", "log", "checkpoint"}
     assert Config.from_dict(d) == cfg
     assert Config.from_dict(yaml.safe_load(yaml.safe_dump(d))) == cfg
 

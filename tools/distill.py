@@ -6,7 +6,8 @@
 
 Overrides use dotted keys, e.g. teacher.checkpoint=moco_v2_800ep_pretrain.pth.tar
 data.train_dir=/data/imagenet/train output_dir=runs/x train.max_steps=1000
-resume=auto.
+resume=auto. An output_dir that holds a run is continued with resume=auto, or
+replaced with overwrite=true; without either the run is refused.
 """
 
 import sys

@@ -19,12 +19,13 @@ much faster on a CPU, but not the protocol.
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from retro_transfer.cli import (
     OneLineErrorParser,
     add_evaluation_inputs,
+    check_checkpoint_file,
     fail,
+    fail_on_checkpoint,
     keep_tools_dir_off_path,
     non_negative_float,
     positive_float,
@@ -63,15 +64,12 @@ def _load(checkpoint: str, which: str):
     """The frozen encoder and its info; checkpoint problems become one-line errors."""
     from retro_transfer.checkpoints import CheckpointError, load_encoder
 
-    if not Path(checkpoint).exists():
-        fail(f"checkpoint {checkpoint} does not exist")
-    if not Path(checkpoint).is_file():
-        fail(f"checkpoint {checkpoint} is a folder, not a checkpoint file")
+    check_checkpoint_file(checkpoint)
     try:
         return load_encoder(checkpoint, which=which)
     except CheckpointError as err:
-        message = str(err).replace("which='backbone'", "--features backbone")  # the library's word for our flag
-        fail(message if str(checkpoint) in message else f"cannot use checkpoint {checkpoint}: {message}")
+        # the library's word for our flag
+        fail_on_checkpoint(checkpoint, str(err).replace("which='backbone'", "--features backbone"))
 
 
 def _loaders(ev, args, device):

@@ -4,7 +4,8 @@
     python tools/pretrain_teacher.py --config configs/teacher/shapes_moco_v2_r50.yaml [key=value ...]
 
 The run uses the distillation engine (method moco_v2, a ResNet "student"),
-so it resumes, logs and scales the same way. At the end
+so it resumes, logs and scales the same way, and an output_dir that holds a
+run is continued with resume=auto or replaced with overwrite=true. At the end
 ``<output_dir>/checkpoint_last.pth.tar`` holds ``module.encoder_q.*`` with the
 head as ``fc.0``/``fc.2``, ``module.encoder_k.*`` and ``module.queue``: the file
 loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.

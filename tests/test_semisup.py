@@ -1,0 +1,209 @@
+"""Semi-supervised evaluation: the labelled subset, fine-tuning with two learning rates, and the CLI."""
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from distill.evaluation import DataError
+from distill.semisup import default_learning_rates, draw_labelled, fine_tune, read_label_list, write_label_list
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(argv, capsys):
+    """``tools/semisup_eval.py main(argv)`` in this process: (exit code, stdout, stderr)."""
+    try:
+        code = _tool("semisup_eval").main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------ the labelled subset
+
+
+def _listing(sizes):
+    """``<class>/<file>`` paths and labels of a training split with ``sizes[c]`` images in class c."""
+    classes = [f"c{c}" for c in range(len(sizes))]
+    paths, labels = [], []
+    for label, size in enumerate(sizes):
+        paths += [f"{classes[label]}/img_{i:03d}.jpg" for i in range(size)]
+        labels += [label] * size
+    return paths, labels, classes
+
+
+def _chosen(paths, labels, classes, fraction, seed):
+    return [paths[i] for i in draw_labelled(paths, labels, classes, fraction, seed)]
+
+
+def test_subset_is_drawn_per_class_from_the_seed():
+    paths, labels, classes = _listing([20, 3, 1])
+    chosen = _chosen(paths, labels, classes, 0.1, seed=0)
+    # round(0.1 x n) per class, at least one: 2 of 20, 1 of 3 (0.3 rounds to 0), 1 of 1.
+    assert [sum(p.startswith(f"{c}/") for p in chosen) for c in classes] == [2, 1, 1]
+    assert chosen == _chosen(paths, labels, classes, 0.1, seed=0)
+    assert len({tuple(_chosen(paths, labels, classes, 0.1, seed)) for seed in range(5)}) > 1, "the seed is ignored"
+    # Neither the order of the listing nor the other classes change a class's draw.
+    order = list(range(len(paths)))
+    random.Random(1).shuffle(order)
+    assert sorted(_chosen([paths[i] for i in order], [labels[i] for i in order], classes, 0.1, 0)) == sorted(chosen)
+    alone = _chosen(paths[:20], labels[:20], classes, 0.1, seed=0)
+    assert alone == [p for p in chosen if p.startswith("c0/")]
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        draw_labelled(paths, labels, classes, 0.0, 0)
+
+
+def test_label_list_round_trip_and_its_errors(tmp_path):
+    paths, labels, classes = _listing([4, 4])
+    written = write_label_list(tmp_path / "run.labels.txt", paths, [1, 5, 6], "three images")
+    assert read_label_list(written, paths) == [1, 5, 6]
+    # SimCLR's lists name bare files; comments and blank lines are skipped.
+    (tmp_path / "simclr.txt").write_text("# a comment\n\nimg_001.jpg\n")
+    with pytest.raises(DataError, match=r"line 3: 'img_001.jpg' names 2 images in different class folders"):
+        read_label_list(tmp_path / "simclr.txt", paths)
+    (tmp_path / "bare.txt").write_text("img_001.jpg\n")
+    assert read_label_list(tmp_path / "bare.txt", paths[:4]) == [1]
+    cases = {
+        "c0/img_000.jpg\nc0/nope.jpg\n": r"1 entries of .* are not images of the training split \(line 2: 'c0/nope.jpg'\)",
+        "c1/img_002.jpg\nc1/img_002.jpg\n": r"line 2: 'c1/img_002.jpg' repeats line 1",
+        "# nothing\n": "names no images",
+    }
+    for text, message in cases.items():
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(DataError, match=message):
+            read_label_list(tmp_path / "bad.txt", paths)
+    with pytest.raises(DataError, match="does not exist"):
+        read_label_list(tmp_path / "absent.txt", paths)
+
+
+def test_default_learning_rates_follow_the_closer_label_setting():
+    assert default_learning_rates(0.01) == (0.02, 5.0)  # SwAV, 1 % labels
+    assert default_learning_rates(0.1) == (0.01, 0.2)  # SwAV, 10 % labels
+    assert default_learning_rates(0.5) == (0.01, 0.2)
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def _separable(seed=0, per_class=16):
+    """3 classes of 3x4x4 "images" around well-separated means: train and val loaders."""
+    gen = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(3, 3, 4, 4, generator=gen)
+
+    def split(n):
+        y = torch.arange(3).repeat_interleave(n)
+        return TensorDataset(means[y] + 0.5 * torch.randn(len(y), 3, 4, 4, generator=gen), y)
+
+    train = DataLoader(split(per_class), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return train, DataLoader(split(per_class // 2), batch_size=8)
+
+
+def _encoder():
+    """Images -> 16-d features through a Linear and a BatchNorm, frozen as load_encoder returns encoders."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.BatchNorm1d(16)).eval().requires_grad_(False)
+
+
+def _fine_tune(encoder, lr_backbone, seed=3):
+    train, val = _separable()
+    return fine_tune(encoder, 16, 3, train, val, epochs=4, lr_backbone=lr_backbone, lr_classifier=0.5, seed=seed)
+
+
+def test_fine_tuning_trains_the_backbone_at_its_own_learning_rate():
+    still = _encoder()
+    before = {k: v.clone() for k, v in still.state_dict().items()}
+    result = _fine_tune(still, lr_backbone=0.0)
+    assert result["top1"] > 80.0, result  # the classifier learned (chance is 33 %)
+    after = still.state_dict()
+    for name, _ in still.named_parameters():
+        assert torch.equal(after[name], before[name]), f"{name} moved with a backbone learning rate of 0"
+    # BatchNorm trained on batch statistics: its running mean moved although its weights did not.
+    assert not torch.equal(after["2.running_mean"], before["2.running_mean"])
+
+    moving = _encoder()
+    tuned = _fine_tune(moving, lr_backbone=0.1)
+    assert not torch.equal(moving.state_dict()["1.weight"], before["1.weight"]), "the backbone did not train"
+    assert tuned["lr_backbone"] == 0.1 and tuned["lr_classifier"] == 0.5 and tuned["milestones"] == [2, 3]
+    again = _fine_tune(_encoder(), lr_backbone=0.1)
+    assert (again["top1"], again["final_train_loss"]) == (tuned["top1"], tuned["final_train_loss"])
+
+
+def test_fine_tuning_stops_on_divergence():
+    with pytest.raises(FloatingPointError, match="lower the learning rates"):
+        _fine_tune(_encoder(), lr_backbone=1e30)
+
+
+# ------------------------------------------------------------------ the command line, on a real student
+
+
+@pytest.fixture(scope="module")
+def student(distilled):
+    return distilled("resnet18")
+
+
+def _argv(student, shapes_root, out, *extra):
+    return [student, "--data", shapes_root / "classification", "--epochs", 2, "--batch-size", 8, "--image-size", 32,
+            "--workers", 0, "--device", "cpu", "--out", out, *extra]
+
+
+def test_cli_fine_tunes_and_its_label_list_repeats_the_run(student, shapes_root, tmp_path, capsys):
+    code, stdout, err = _run(_argv(student, shapes_root, tmp_path / "a" / "r.json", "--label-fraction", 0.5), capsys)
+    assert code == 0, err
+    assert "fine-tuning the student resnet18 (512-d features)" in stdout and "top-1" in stdout
+    first = json.loads((tmp_path / "a" / "r.json").read_text())
+    labelled = first["labelled"]
+    train = shapes_root / "classification" / "train"
+    sizes = {c.name: len(list(c.iterdir())) for c in train.iterdir()}
+    assert labelled["per_class"] == {c: max(1, math.floor(0.5 * n + 0.5)) for c, n in sizes.items()}
+    assert labelled["list_file"] == str(tmp_path / "a" / "r.labels.txt")
+    listed = [line for line in Path(labelled["list_file"]).read_text().splitlines() if not line.startswith("#")]
+    assert len(listed) == labelled["count"] and all((train / p).is_file() for p in listed)
+    assert first["finetune"]["lr_backbone"] == 0.01 and first["finetune"]["lr_classifier"] == 0.2
+    assert all(0 <= first["metrics"][k] <= 100 for k in ("top1", "top5"))
+
+    code, _, err = _run(_argv(student, shapes_root, tmp_path / "b" / "r.json", "--label-list", labelled["list_file"]), capsys)
+    assert code == 0, err
+    again = json.loads((tmp_path / "b" / "r.json").read_text())
+    assert again["labelled"]["per_class"] == labelled["per_class"] and again["labelled"]["source"].startswith("listed in")
+    assert [line for line in (tmp_path / "b" / "r.labels.txt").read_text().splitlines() if not line.startswith("#")] == listed
+    assert again["metrics"] == first["metrics"]
+    assert again["finetune"]["final_train_loss"] == first["finetune"]["final_train_loss"]
+
+
+def test_cli_errors_are_one_line_exit_2(student, shapes_root, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    bad_list = tmp_path / "bad.txt"
+    bad_list.write_text("circle/not_there.jpg\n")
+    junk = tmp_path / "junk.pth"
+    torch.save({"not": torch.zeros(1)}, junk)
+    image = tmp_path / "x.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    cases = [
+        (_argv(student, shapes_root, out, "--label-fraction", 0), "--label-fraction: must lie in (0, 1]"),
+        (_argv(student, shapes_root, out, "--label-fraction", 0.1, "--label-list", bad_list), "not allowed with"),
+        (_argv(student, shapes_root, out)[:-2], "--out"),
+        (_argv(student, shapes_root, out, "--label-list", bad_list), "line 1: 'circle/not_there.jpg'"),
+        (_argv(student, shapes_root, out, "--label-list", image), "not a UTF-8 text file"),
+        (_argv(junk, shapes_root, out), "junk.pth"),
+        (_argv(student, shapes_root, tmp_path), "is a folder"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+    assert not out.exists()
