@@ -60,8 +60,29 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
     assert set(stages["eval_retro"]["metrics"]) == {"backbone", "adapter"}
     report = (out / "report.md").read_text()
     assert "## Distillation" in report and "## Frozen-feature evaluation" in report
-    for figure in ("loss_curves.png", "accuracy.png"):
+    for figure in ("loss_curves.png", "accuracy.png", "knn_curves.png"):
         assert (out / figure).stat().st_size > 1000
+
+
+def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
+    """Every accuracy, AP50 and mIoU comes with a bootstrap interval; each comparison says if it is significant."""
+    out, _ = smoke_run
+    report = (out / "report.md").read_text()
+    verdict = report.split("## Verdict", 1)[1].split("## Stages", 1)[0]
+    for claim in ("**Teacher**", "**Students**", "**Detection**", "**Segmentation**"):
+        assert claim in verdict
+    assert "significant" in verdict
+    num_val = json.loads((out / "summary.json").read_text())["stages"]["eval_teacher"]["metrics"]["backbone"]["num_val"]
+    for stage in ("eval_teacher", "eval_retro", "det_retro", "det_random", "seg_retro", "seg_random"):
+        assert (out / stage / "per_image.json").exists(), stage
+    flags = json.loads((out / "eval_retro" / "per_image.json").read_text())["adapter"]["linear"]
+    assert len(flags) == num_val and set(flags) <= {0, 1}
+    # Each table row of a model carries "value [low, high]".
+    rows = [line for line in report.splitlines() if line.startswith("| retro")]
+    assert rows and all("[" in row for row in rows)
+    # The monitor logged k-NN accuracy while the teacher trained.
+    log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert any("knn_top1" in record for record in log)
 
 
 def test_rerun_skips_and_a_deleted_stage_redoes_only_itself_and_later(smoke_run):
