@@ -76,6 +76,9 @@ def _overrides(ctx: Context, folder: Path, steps: int) -> List[str]:
         f"train.max_steps={steps}",
         f"train.warmup_steps={max(1, steps // 20)}",
         f"loss.queue_size={p['queue_size']}",
+        # A momentum suited to the run's length: at 0.999 the key encoder of a few hundred
+        # steps would still be mostly its initialisation (0.999^300 = 0.74).
+        f"loss.momentum={p['ema_momentum']}",
         f"checkpoint.every={steps}",
         "checkpoint.keep=0",
         f"log.every={max(1, steps // 50)}",
