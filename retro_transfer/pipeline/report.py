@@ -29,8 +29,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> List[str]
     return lines
 
 
-def loss_figure(out: Path, records: Mapping[str, Dict]) -> Path:
-    """Total loss against step for the teacher and each distillation method."""
+def _log_curves(out: Path, records: Mapping[str, Dict], key: str, ylabel: str, title: str, filename: str) -> Path:
+    """``key`` of each training log against step: the teacher's pretraining and each method's distillation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,44 +38,28 @@ def loss_figure(out: Path, records: Mapping[str, Dict]) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in ["teacher"] + [f"distill_{m}" for m in METHODS]:
-        if name not in records:
-            continue
-        log = read_log(out / name)
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=name.replace("distill_", ""), marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("Distillation losses (teacher: MoCo v2 pretraining)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    path = out / LOSS_FIGURE
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def knn_figure(out: Path, records: Mapping[str, Dict]) -> Path:
-    """The online k-NN monitor's top-1 against step: teacher pretraining and each student's distillation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ["teacher"] + [f"distill_{m}" for m in METHODS]:
-        points = [(r["step"], r["knn_top1"]) for r in read_log(out / name) if "knn_top1" in r] if name in records else []
+        points = [(r["step"], r[key]) for r in read_log(out / name) if key in r] if name in records else []
         if points:
             ax.plot(*zip(*points), label=name.replace("distill_", ""), marker=".")
     ax.set_xlabel("step")
-    ax.set_ylabel("k-NN top-1 (%)")
-    ax.set_title("Online k-NN monitor on the classification split, while training")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out / KNN_FIGURE
+    path = out / filename
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def loss_figure(out: Path, records: Mapping[str, Dict]) -> Path:
+    return _log_curves(out, records, "loss", "training loss", "Distillation losses (teacher: MoCo v2 pretraining)", LOSS_FIGURE)
+
+
+def knn_figure(out: Path, records: Mapping[str, Dict]) -> Path:
+    return _log_curves(out, records, "knn_top1", "k-NN top-1 (%)",
+                       "Online k-NN monitor on the classification split, while training", KNN_FIGURE)
 
 
 def frozen_feature_evidence(out: Path, records: Mapping[str, Dict]) -> Dict[str, Dict]:
