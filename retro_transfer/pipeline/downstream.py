@@ -117,15 +117,10 @@ def _draw_detections(model, cfg, folder: Path, count: int = 4) -> Path:
 
 def _detect(init: str):
     def run(ctx: Context, folder: Path) -> Dict:
-        from detectron2.config import get_cfg
-
-        from retro_transfer.d2 import add_retro_config, check_config, register_shapes
+        from retro_transfer.d2 import check_config, load_config, register_shapes
         from retro_transfer.d2.train import RetroTrainer
 
-        cfg = get_cfg()
-        add_retro_config(cfg)
-        cfg.merge_from_file(DETECTION_CONFIG)
-        cfg.merge_from_list(_detection_opts(ctx, folder, init))
+        cfg = load_config(DETECTION_CONFIG, _detection_opts(ctx, folder, init))
         register_shapes(cfg.DATASETS.SHAPES_ROOT)
         check_config(cfg)
         cfg.freeze()
