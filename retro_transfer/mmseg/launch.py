@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from retro_transfer.checkpoints import CheckpointError
+from retro_transfer.checkpoints import CheckpointError, safe_load
+
+from .checks import check_data, check_segmentor_checkpoint, checkpoint_to_load
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -102,10 +104,30 @@ def resolve_checkpoint(cfg: Config, checkpoint: Optional[str]) -> str:
     return str(checkpoint)
 
 
+def _read_checkpoint(cfg: Config) -> Tuple[Optional[str], Optional[dict]]:
+    """The checkpoint the Runner will load, read here with ``weights_only`` loading first.
+
+    A file that is not safe weights then gets the toolkit's one-line refusal
+    rather than torch's advice to turn safe loading off, before anything starts.
+    """
+    path = checkpoint_to_load(cfg)
+    return path, (safe_load(path) if path and "://" not in path else None)
+
+
+def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict]) -> Runner:
+    """The Runner, once the checkpoint it will load is known to fill its model."""
+    runner = Runner.from_cfg(cfg)
+    if ckpt is not None:
+        check_segmentor_checkpoint(runner.model, ckpt, path)
+    return runner
+
+
 def train(cfg: Config) -> Runner:
     """Train (and validate every ``val_interval``) as the config says; returns the Runner."""
     check_pretrained(cfg)  # the Runner initialises the backbone even when it then resumes
-    runner = Runner.from_cfg(cfg)
+    path, ckpt = _read_checkpoint(cfg)
+    check_data(cfg, ["train_dataloader"] + (["val_dataloader"] if cfg.get("val_cfg") else []))
+    runner = _runner(cfg, path, ckpt)
     runner.train()
     return runner
 
@@ -114,5 +136,6 @@ def test(cfg: Config, checkpoint: str) -> dict:
     """Evaluate ``checkpoint`` (a Runner checkpoint) on the config's test set; returns the metrics."""
     cfg.load_from = checkpoint
     cfg.resume = False
-    runner = Runner.from_cfg(cfg)
-    return dict(runner.test())
+    path, ckpt = _read_checkpoint(cfg)
+    check_data(cfg, ["test_dataloader"])
+    return dict(_runner(cfg, path, ckpt).test())
