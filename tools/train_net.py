@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Fine-tune a converted backbone in Detectron2 (Faster / Mask R-CNN) and evaluate it.
 
-    python tools/train_net.py --config-file configs/detection/voc_frcnn_effb0.yaml MODEL.WEIGHTS student_d2.pkl
-    python tools/train_net.py --config-file ... --num-gpus 8 [--resume] [--eval-only] [KEY VALUE ...]
+    python tools/train_net.py --config voc_frcnn_effb0.yaml MODEL.WEIGHTS student_d2.pkl
+    python tools/train_net.py --config-file configs/detection/voc_frcnn_effb0.yaml --num-gpus 8 \
+        [--resume] [--eval-only] [KEY VALUE ...]
+
+--config and --config-file are the same option: a path, or a bare name (with or
+without .yaml) looked up in configs/detection/.
 
 Pascal VOC and COCO are read from $DETECTRON2_DATASETS (Detectron2's names:
 voc_2007_trainval, voc_2012_trainval, voc_2007_test, coco_2017_train,
@@ -14,7 +18,7 @@ with COCOEvaluator.
 import os
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -37,7 +41,8 @@ from retro_transfer.d2 import (  # noqa: E402
 def parser() -> OneLineErrorParser:
     """Detectron2's usual flags (as ``default_argument_parser``), with one-line errors."""
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config-file", required=True, metavar="FILE", help="a YAML file in configs/detection/")
+    p.add_argument("--config-file", "--config", dest="config_file", required=True, type=config_file("detection"),
+                   metavar="FILE", help="a YAML file, or a name in configs/detection/ (voc_frcnn_effb0)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
     p.add_argument(
         "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint with --resume)"
@@ -54,8 +59,6 @@ def parser() -> OneLineErrorParser:
 
 def setup(args):
     """The config from file and overrides, checked, with its data sets registered and present."""
-    if not os.path.isfile(args.config_file):
-        fail(f"config file {args.config_file} not found")
     try:
         cfg = load_config(args.config_file, args.opts)
         register_shapes(cfg.DATASETS.SHAPES_ROOT)

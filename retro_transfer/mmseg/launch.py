@@ -28,9 +28,13 @@ def load_config(
     cfg_options: Optional[Mapping] = None,
     work_dir: Optional[os.PathLike] = None,
     launcher: str = "none",
+    data_root: Optional[os.PathLike] = None,
 ) -> Config:
     """The config at ``path`` with ``--cfg-options`` merged, a work dir and the launcher set.
 
+    ``data_root`` (``--data-root``) replaces the data root of every data
+    loader's dataset, after ``cfg_options``; whether the folder holds what the
+    config expects is checked when a run starts (:mod:`.checks`).
     The work dir defaults to ``work_dirs/<config name>`` (MMSeg's convention).
     A distributed launch needs GPUs: MMEngine's set-up pins each process to one.
     A data loader with no worker processes gets ``persistent_workers=False``
@@ -58,7 +62,18 @@ def load_config(
         loader = cfg.get(name)
         if loader is not None and loader.get("num_workers", 0) == 0:
             loader["persistent_workers"] = False
+        if loader is not None and data_root is not None:
+            _set_data_root(loader.dataset, str(data_root))
     return cfg
+
+
+def _set_data_root(dataset: Mapping, data_root: str) -> None:
+    """Set ``data_root`` on a dataset config, or on the datasets a wrapper (Concat, Repeat...) holds."""
+    inner = dataset.get("datasets") or ([dataset["dataset"]] if "dataset" in dataset else [])
+    for child in inner:
+        _set_data_root(child, data_root)
+    if not inner:
+        dataset["data_root"] = data_root
 
 
 def check_pretrained(cfg: Config) -> None:
