@@ -1,10 +1,19 @@
-"""Shared command-line conventions: bad input is one line on stderr and exit code 2."""
+"""Shared command-line conventions: bad input is one line on stderr and exit code 2.
+
+Importing this module (every tool does, first) also silences the one start-up
+warning a user can do nothing about: fvcore, imported by Detectron2, compiles
+its focal loss with ``torch.jit.script``, which torch now calls deprecated.
+Only that message is filtered.
+"""
 
 import argparse
 import difflib
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The repository's ``configs/`` folder, where bare config names are looked up."""
