@@ -5,8 +5,9 @@ Pascal VOC 2007/2012 and COCO are Detectron2's built-in names
 ``coco_2017_train``, ``coco_2017_val``...), registered by Detectron2 itself
 under ``$DETECTRON2_DATASETS``; this module checks they are there before a run
 starts. The project's shapes data (``tools/make_shapes.py``) is registered as
-``shapes_voc_{train,val,trainval,test}``: it is written in the VOC layout, so
-Detectron2's VOC evaluator reads it.
+``shapes_voc_{train,val,trainval,test}`` (its VOC layout, boxes, scored by
+Detectron2's VOC evaluator) and ``shapes_coco_{train,val,test}`` (the same
+images with COCO instance masks, for Mask R-CNN, scored by ``COCOEvaluator``).
 
 Detectron2's own loaders trust the annotations: its data mapper clips a box
 that reaches past its image, or drops it, without a word, and a class name
@@ -32,12 +33,13 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import BoxMode
 
-from ..data.shapes import CLASSES, VOC_DIRNAME
+from ..data.shapes import CLASSES, COCO_DIRNAME, COCO_SPLITS, VOC_DIRNAME
 
 log = logging.getLogger(__name__)
 
 SHAPES_SPLITS = ("train", "val", "trainval", "test")
 SHAPES_PREFIX = "shapes_voc_"
+SHAPES_COCO_PREFIX = "shapes_coco_"
 VOC_FOLDERS = ("Annotations", "JPEGImages")
 
 
@@ -56,13 +58,20 @@ def register_shapes(root: os.PathLike) -> List[str]:
     classes = classes_file.read_text().split() if classes_file.is_file() else list(CLASSES)
     names = []
     for split in SHAPES_SPLITS:
-        name = SHAPES_PREFIX + split
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        register_voc(name, str(root / VOC_DIRNAME), split, classes)
-        names.append(name)
+        names.append(_unregister(SHAPES_PREFIX + split))
+        register_voc(names[-1], str(root / VOC_DIRNAME), split, classes)
+    for split in COCO_SPLITS:
+        names.append(_unregister(SHAPES_COCO_PREFIX + split))
+        json_file = root / COCO_DIRNAME / f"instances_{split}.json"
+        register_coco(names[-1], str(json_file), str(root / VOC_DIRNAME / "JPEGImages"), classes)
     return names
+
+
+def _unregister(name: str) -> str:
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    return name
 
 
 def register_voc(name: str, dirname: str, split: str, classes: Sequence[str], year: int = 2007) -> None:
@@ -70,6 +79,20 @@ def register_voc(name: str, dirname: str, split: str, classes: Sequence[str], ye
     DatasetCatalog.register(name, partial(load_voc, dirname, split, tuple(classes), name))
     MetadataCatalog.get(name).set(
         thing_classes=list(classes), dirname=dirname, year=year, split=split, evaluator_type="pascal_voc"
+    )
+
+
+def register_coco(name: str, json_file: str, image_root: str, classes: Sequence[str]) -> None:
+    """As Detectron2's ``register_coco_instances``, read by the checked :func:`load_coco`.
+
+    The classes are those of the file's categories, ids 1..N in order; the
+    metadata says so up front, so an evaluator built before the data set is
+    read finds it.
+    """
+    DatasetCatalog.register(name, partial(load_coco, json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=list(classes),
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(classes))},
     )
 
 
@@ -266,15 +289,17 @@ def check_datasets(names: Iterable[str]) -> None:
     registered = set(DatasetCatalog.list())
     for name in names:
         if name not in registered:
-            known = sorted(n for n in registered if n.startswith(("voc_", "coco_2017", SHAPES_PREFIX)))
+            ours = ("voc_", "coco_2017", SHAPES_PREFIX, SHAPES_COCO_PREFIX)
+            known = sorted(n for n in registered if n.startswith(ours))
             raise DatasetError(f"unknown data set {name!r}; known here: {', '.join(known)}")
         missing = [p for p in _where(name) if not os.path.exists(p)]
         if not missing:
             continue
-        if name.startswith(SHAPES_PREFIX):
+        if name.startswith((SHAPES_PREFIX, SHAPES_COCO_PREFIX)):
             raise DatasetError(
-                f"data set {name}: {missing[0]} not found; generate it with "
-                "`python tools/make_shapes.py --out DIR` and pass DATASETS.SHAPES_ROOT DIR"
+                f"data set {name}: {missing[0]} not found; generate the data with "
+                "`python tools/make_shapes.py --out DIR` (a folder from before COCO annotations were added needs "
+                "--overwrite) and pass DATASETS.SHAPES_ROOT DIR"
             )
         env = os.environ.get("DETECTRON2_DATASETS")
         raise DatasetError(
