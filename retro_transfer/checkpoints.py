@@ -81,21 +81,43 @@ def safe_load(path: PathLike) -> dict:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(_refused_message(path, e)) from e
+        if "GLOBAL" in str(e) or _starts_like_a_pickle(path):
+            raise CheckpointError(_refused_message(path, e)) from e
+        raise CheckpointError(_damaged_message(path, e)) from e
     except PermissionError as e:
         raise CheckpointError(f"cannot read {path}: permission denied") from e
     # torch.load reports damaged files with many exception types (RuntimeError
     # from the zip reader, EOFError, OSError, KeyError, struct.error...); all of
     # them mean the same thing to a user.
     except Exception as e:
-        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(
-            f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}{': ' + detail if detail else ''}); "
-            "if it was downloaded or copied, fetch it again and compare its size or checksum with the source"
-        ) from e
+        raise CheckpointError(_damaged_message(path, e)) from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict of tensors")
     return obj
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """Whether a file opens with a pickle protocol header (2-5), as legacy torch files and plain pickles do.
+
+    torch calls a JPEG or random bytes "Unsupported operand", and says the same
+    of a plain pickle it cannot follow; only the latter may be asking for code.
+    """
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(2)
+        return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+    return False
+
+
+def _damaged_message(path: Path, error: Exception) -> str:
+    """One line for a file that is damaged or not a checkpoint, quoting the reader's reason."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # torch wraps its unpickler's reason in paragraphs of advice; the reason is the line that says it.
+    detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0] if lines else "")
+    reason = type(error).__name__ + (": " + detail[:200] if detail else "")
+    return (
+        f"{path} is truncated or not a PyTorch checkpoint ({reason}); "
+        "if it was downloaded or copied, fetch it again and compare its size or checksum with the source"
+    )
 
 
 def _refused_message(path: Path, error: Exception) -> str:

@@ -1,9 +1,24 @@
-"""Shared command-line conventions: bad input is one line on stderr and exit code 2."""
+"""Shared command-line conventions: bad input is one line on stderr and exit code 2.
+
+Importing this module (every tool does, first) also silences the one start-up
+warning a user can do nothing about: fvcore, imported by Detectron2, compiles
+its focal loss with ``torch.jit.script``, which torch now calls deprecated.
+Only that message is filtered.
+"""
 
 import argparse
+import difflib
 import sys
+import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+"""The repository's ``configs/`` folder, where bare config names are looked up."""
+
+CONFIG_KINDS = {"detection": ".yaml", "distill": ".yaml", "teacher": ".yaml", "segmentation": ".py"}
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -95,3 +110,50 @@ def add_evaluation_inputs(parser: argparse.ArgumentParser, features: bool = True
     parser.add_argument("--batch-size", type=positive_int, default=256, help="default %(default)s")
     parser.add_argument("--image-size", type=positive_int, default=224, help="crop size in pixels (default %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
+
+
+def _named(name: str, kind: str) -> Path:
+    """``configs/<kind>/<name>``, with the kind's suffix added when ``name`` lacks it."""
+    suffix = CONFIG_KINDS[kind]
+    return CONFIGS / kind / (name if name.endswith(suffix) else name + suffix)
+
+
+def resolve_config(name: str, kind: str) -> Path:
+    """The config a user means by ``name``: a path as given, else a name in ``configs/<kind>/``.
+
+    ``voc_frcnn_effb0.yaml``, ``voc_frcnn_effb0`` and
+    ``configs/detection/voc_frcnn_effb0.yaml`` (from any folder) all name
+    ``configs/detection/voc_frcnn_effb0.yaml``. An unknown name raises
+    FileNotFoundError listing the closest names of that kind, or saying which
+    kind it is (a segmentation config given to train_net, say).
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_absolute() and (CONFIGS.parent / path).is_file():
+        return CONFIGS.parent / path
+    if path.parent == Path("."):
+        if _named(name, kind).is_file():
+            return _named(name, kind)
+        for other in CONFIG_KINDS:
+            if other != kind and _named(name, other).is_file():
+                raise FileNotFoundError(f"config {name} is a {other} config ({_named(name, other)}), not a {kind} one")
+    known = sorted(p.name for p in (CONFIGS / kind).glob("*" + CONFIG_KINDS[kind]))
+    close = difflib.get_close_matches(_named(path.name, kind).name, known, n=5, cutoff=0.6)
+    hint = f"closest: {', '.join(close)}" if close else f"the names are in {CONFIGS / kind}"
+    raise FileNotFoundError(
+        f"config {name} does not exist, neither as a path nor as a name in {CONFIGS / kind}; {hint}"
+    )
+
+
+def config_file(kind: str) -> Callable[[str], str]:
+    """argparse ``type`` that resolves a config name of ``kind`` (see :func:`resolve_config`)."""
+
+    def resolve(text: str) -> str:
+        try:
+            return str(resolve_config(text, kind))
+        except FileNotFoundError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    resolve.__name__ = f"{kind} config"  # how argparse names the type in messages
+    return resolve

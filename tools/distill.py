@@ -13,14 +13,14 @@ replaced with overwrite=true; without either the run is refused.
 import sys
 
 from retro_transfer.checkpoints import CheckpointError
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
 
 def parse_args(argv=None):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config under configs/distill/")
+    parser.add_argument("--config", required=True, type=config_file("distill"), help="a YAML file, or a name in configs/distill/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     return parser.parse_args(argv)
 

@@ -14,7 +14,7 @@ loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.
 import sys
 
 from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -23,7 +23,7 @@ TEACHER_FILE = "checkpoint_last.pth.tar"
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config with method: moco_v2 and a ResNet student.arch")
+    parser.add_argument("--config", required=True, type=config_file("teacher"), help="YAML config with method: moco_v2 and a ResNet student.arch")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = parser.parse_args(argv)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained MMSegmentation checkpoint (mIoU) with MMEngine's Runner.
 
-    python tools/test_seg.py CONFIG CHECKPOINT [--work-dir DIR] [--out metrics.json]
+    python tools/test_seg.py CONFIG CHECKPOINT [--data-root DIR] [--work-dir DIR] [--out metrics.json]
         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
 
 CHECKPOINT is a checkpoint tools/train_seg.py wrote (``work_dirs/<config>/iter_N.pth``);
@@ -17,15 +17,17 @@ from pathlib import Path
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
 
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="the config the checkpoint was trained with")
+    parser.add_argument("config", type=config_file("segmentation"),
+                        help="the config the checkpoint was trained with (a path or a name in configs/segmentation/)")
     parser.add_argument("checkpoint", help="a Runner checkpoint (iter_N.pth)")
+    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
     parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     from retro_transfer.mmseg import launch
 
     try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
         metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e))

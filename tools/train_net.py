@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Fine-tune a converted backbone in Detectron2 (Faster / Mask R-CNN) and evaluate it.
 
-    python tools/train_net.py --config-file configs/detection/voc_frcnn_effb0.yaml MODEL.WEIGHTS student_d2.pkl
-    python tools/train_net.py --config-file ... --num-gpus 8 [--resume] [--eval-only] [KEY VALUE ...]
+    python tools/train_net.py --config voc_frcnn_effb0.yaml MODEL.WEIGHTS student_d2.pkl
+    python tools/train_net.py --config-file configs/detection/voc_frcnn_effb0.yaml --num-gpus 8 \
+        [--resume] [--eval-only] [KEY VALUE ...]
+
+--config and --config-file are the same option: a path, or a bare name (with or
+without .yaml) looked up in configs/detection/.
 
 Pascal VOC and COCO are read from $DETECTRON2_DATASETS (Detectron2's names:
 voc_2007_trainval, voc_2012_trainval, voc_2007_test, coco_2017_train,
@@ -14,22 +18,22 @@ with COCOEvaluator.
 import os
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_setup, launch  # noqa: E402
 
+from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 from retro_transfer.d2.train import RetroTrainer as Trainer  # noqa: E402
 from retro_transfer.d2 import (  # noqa: E402
     ConfigError,
     DatasetError,
     IncompatibleWeightsError,
     RetroCheckpointer,
-    add_retro_config,
     check_config,
     check_datasets,
+    load_config,
     register_shapes,
 )
 
@@ -37,7 +41,8 @@ from retro_transfer.d2 import (  # noqa: E402
 def parser() -> OneLineErrorParser:
     """Detectron2's usual flags (as ``default_argument_parser``), with one-line errors."""
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config-file", required=True, metavar="FILE", help="a YAML file in configs/detection/")
+    p.add_argument("--config-file", "--config", dest="config_file", required=True, type=config_file("detection"),
+                   metavar="FILE", help="a YAML file, or a name in configs/detection/ (voc_frcnn_effb0)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
     p.add_argument(
         "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (or the last checkpoint with --resume)"
@@ -54,26 +59,37 @@ def parser() -> OneLineErrorParser:
 
 def setup(args):
     """The config from file and overrides, checked, with its data sets registered and present."""
-    if not os.path.isfile(args.config_file):
-        fail(f"config file {args.config_file} not found")
-    cfg = get_cfg()
-    add_retro_config(cfg)
     try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except (KeyError, ValueError, AssertionError) as err:
-        fail(f"bad config ({args.config_file} {' '.join(args.opts)}): {err}")
-    register_shapes(cfg.DATASETS.SHAPES_ROOT)
-    try:
+        cfg = load_config(args.config_file, args.opts)
+        register_shapes(cfg.DATASETS.SHAPES_ROOT)
         check_config(cfg)
         check_datasets(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
     except (ConfigError, DatasetError) as err:
         fail(str(err))
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        fail(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS} not found; make it with tools/convert_to_d2.py")
+    check_weights_given(cfg, args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
+
+
+def check_weights_given(cfg, args) -> None:
+    """Refuse to start from random weights unless asked to, and check a weights file is there.
+
+    The base config's ``MODEL.WEIGHTS`` is empty, so forgetting it on the
+    command line would train (or evaluate) a randomly initialised backbone
+    and exit 0. Random initialisation is asked for with ``MODEL.WEIGHTS ''``.
+    """
+    weights = cfg.MODEL.WEIGHTS
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not weights and not resuming:
+        if args.eval_only:
+            fail("--eval-only needs the model to evaluate: MODEL.WEIGHTS OUTPUT_DIR/model_final.pth, "
+                 "or --resume with a last_checkpoint in OUTPUT_DIR")
+        if "MODEL.WEIGHTS" not in args.opts[::2]:
+            fail("no MODEL.WEIGHTS given: pass MODEL.WEIGHTS student_d2.pkl (from tools/convert_to_d2.py), "
+                 "or MODEL.WEIGHTS '' to train from random initialisation on purpose")
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        fail(f"MODEL.WEIGHTS {weights} not found; make it with tools/convert_to_d2.py")
 
 
 def main(args):
@@ -81,13 +97,15 @@ def main(args):
     try:
         if args.eval_only:
             model = Trainer.build_model(cfg)
-            RetroCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+            checkpointer = RetroCheckpointer(model, save_dir=cfg.OUTPUT_DIR, complete=True)
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
             return Trainer.test(cfg, model)
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
-    except (ConfigError, IncompatibleWeightsError) as err:
-        # ConfigError here: a backbone that cannot be built as configured (it names the key).
+    except (ConfigError, IncompatibleWeightsError, CheckpointError, DatasetError) as err:
+        # ConfigError here: a backbone that cannot be built as configured (it names the key);
+        # DatasetError: an annotation found wrong when the data set is first read.
         fail(str(err))
 
 

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Train (or evaluate) an MMSegmentation model on a distilled student with MMEngine's Runner.
 
-    python tools/train_seg.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
+    python tools/train_seg.py CONFIG [--data-root DIR] [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
     python tools/train_seg.py CONFIG --eval-only [--checkpoint CHECKPOINT]
 
-CONFIG is one of configs/segmentation/*.py; set the converted student with
+CONFIG is one of configs/segmentation/*.py, by path or by name
+(``shapes_fcn_r18``); ``--data-root DIR`` points every data loader at DIR
+(each folder, split file and mask is checked before the run starts). Set the
+converted student with
 ``--cfg-options model.backbone.init_cfg.checkpoint=STUDENT_MMSEG.pth`` (see
 tools/convert_to_mmseg.py). ``--resume`` alone continues from the latest
 checkpoint in the work dir (default ``work_dirs/<config name>``), or from the
@@ -22,14 +25,16 @@ import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
 
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="an MMSeg config, e.g. configs/segmentation/voc_deeplabv3plus_effb0.py")
+    parser.add_argument("config", type=config_file("segmentation"),
+                        help="an MMSeg config: a path, or a name in configs/segmentation/ (voc_deeplabv3plus_effb0)")
+    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="resume training: from the latest checkpoint in the work dir, or from CHECKPOINT")
@@ -57,7 +62,7 @@ def main(argv=None) -> int:
     from retro_transfer.mmseg import launch
 
     try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
         if args.eval_only:
             metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
             print(json.dumps(metrics, sort_keys=True, default=float))

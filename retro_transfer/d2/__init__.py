@@ -14,7 +14,7 @@ from .backbone import (
     convert_norm,
     feature_levels,
 )
-from .config import NORMS, ConfigError, add_retro_config, check_config
+from .config import NORMS, ConfigError, add_retro_config, check_config, load_config
 from .data import DatasetError, build_evaluator, check_datasets, register_shapes
 from .roi_heads import Res5ROIHeadsExtraNorm
 from .weights import (
@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "add_retro_config",
     "check_config",
+    "load_config",
     "DatasetError",
     "build_evaluator",
     "check_datasets",

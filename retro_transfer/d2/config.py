@@ -1,6 +1,11 @@
-"""The config keys this package adds to Detectron2's, and the checks a config must pass."""
+"""The config keys this package adds to Detectron2's, the one way configs are read, and the checks they must pass."""
 
+import os
+from typing import Sequence
+
+import yaml
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 NORMS = ("BN", "SyncBN", "FrozenBN", "GN")
 """Values of ``MODEL.TIMM.NORM``; they mean what Detectron2's ``get_norm`` means by them."""
@@ -30,6 +35,35 @@ def add_retro_config(cfg: CN) -> CN:
     cfg.MODEL.TIMM.NORM = "SyncBN"
     # Folder written by tools/make_shapes.py; registered as shapes_voc_{train,val,trainval,test}.
     cfg.DATASETS.SHAPES_ROOT = "data/shapes"
+    return cfg
+
+
+def load_config(path: os.PathLike, opts: Sequence[str] = ()) -> CN:
+    """Detectron2's defaults, this package's keys, the YAML at ``path`` (with its ``_BASE_``) and ``opts``.
+
+    YAML is read with safe loading only: Detectron2's ``merge_from_file``
+    falls back to ``yaml.unsafe_load`` by default, which runs a tag such as
+    ``!!python/object/apply:os.system`` while reading, and a config is a file
+    users download and share. Every problem is a one-line ConfigError.
+    """
+    cfg = add_retro_config(get_cfg())
+    try:
+        cfg.merge_from_file(str(path), allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise ConfigError(
+            f"{mark.name if mark else path}, line {mark.line + 1 if mark else '?'}: {e.problem}; configs are read with "
+            "safe YAML loading, and a Python tag (which would run code) is refused, not executed. Use plain values"
+        ) from None
+    except yaml.YAMLError as e:
+        where = f"{e.problem_mark.name}, line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else path
+        raise ConfigError(f"{where} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"bad config {path}: {e}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"bad override ({' '.join(opts)}): {e}") from None
     return cfg
 
 

@@ -37,10 +37,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BottleneckBlock, build_resnet_backbone
 
-from ..checkpoints import RESNET_LAYOUTS, CheckpointError, save_atomic
+from ..checkpoints import DISTILL_FORMAT, RESNET_LAYOUTS, CheckpointError, safe_load, save_atomic
 from ..convert import BackboneSource, ConversionError, check_complete
 from .backbone import TimmBackbone, feature_levels
 from .config import ConfigError
+from .pickles import load_weights_pickle
 
 TARGETS = ("timm", "resnet")
 META_KEY = "retro_transfer"
@@ -233,46 +234,116 @@ def check_model_matches(model: nn.Module, meta: Mapping, path: str = "MODEL.WEIG
         )
 
 
-def _pretrained(key: str, target: str) -> bool:
-    """Whether a model key is one a converted file of ``target`` must fill."""
-    if key.endswith("num_batches_tracked"):  # a counter, and FrozenBN has none
-        return False
-    if target == "timm":
-        return key.startswith(TIMM_PREFIX)
-    # C4 keeps res5's blocks in the ROI head; its extra norm (roi_heads.res5.norm) is new.
-    in_resnet = re.search(r"(^|\.)(stem|res[2-5]\.\d+)\.", key) is not None
-    return in_resnet and key.startswith(("backbone.", "roi_heads.res5."))
+def _backbone_keys(model: nn.Module):
+    """A predicate: is this model key part of the pretrained backbone that MODEL.WEIGHTS must fill?
+
+    The bottom-up network (under FPN ``backbone.bottom_up.``, else
+    ``backbone.``) and, for C4, the res5 blocks that live in the ROI head;
+    not C4's extra norm (``roi_heads.res5.norm``, a new layer) and not
+    BatchNorm's ``num_batches_tracked`` counters (FrozenBN has none).
+    """
+    prefix = "backbone.bottom_up." if isinstance(getattr(model, "backbone", None), FPN) else "backbone."
+    res5_block = re.compile(r"roi_heads\.res5\.\d+\.")
+
+    def is_backbone(key: str) -> bool:
+        if key.endswith("num_batches_tracked"):
+            return False
+        return key.startswith(prefix) or res5_block.match(key) is not None
+
+    return is_backbone
+
+
+def _what_the_file_holds(checkpoint: Mapping, path: str) -> str:
+    """Why a file fits nothing: the few words that tell a user which file they passed."""
+    if checkpoint.get("format") == DISTILL_FORMAT:
+        return (
+            f"it is a retro-transfer distillation checkpoint, which must be converted first: "
+            f"python tools/convert_to_d2.py {path} OUT.pkl, then MODEL.WEIGHTS OUT.pkl"
+        )
+    meta = checkpoint.get(META_KEY)
+    if isinstance(meta, Mapping):
+        return f"it is a {meta.get('arch')} backbone converted by tools/convert_to_d2.py, which fills the backbone only"
+    model = checkpoint.get("model")
+    keys = list(model)[:3] if isinstance(model, Mapping) else list(checkpoint)[:3]
+    return f"its tensors are named like {', '.join(map(str, keys)) or '(none)'}"
 
 
 class RetroCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer that refuses a converted backbone that does not fully fit the model.
+    """DetectionCheckpointer that reads files safely and refuses weights that leave the model partly random.
 
-    Files without the ``retro_transfer`` entry (Detectron2 checkpoints,
-    model-zoo files, this trainer's own ``model_final.pth``) load exactly as
-    with ``DetectionCheckpointer``.
+    * ``.pkl`` files are read with :func:`~retro_transfer.d2.pickles.load_weights_pickle`
+      (no code runs), everything else with :func:`~retro_transfer.checkpoints.safe_load`;
+      a file that is not weights is a one-line :class:`CheckpointError`.
+    * Any file that leaves a backbone tensor at its random initialisation is
+      refused, whatever its origin (an unconverted distillation checkpoint
+      fills nothing): ``MODEL.WEIGHTS ""`` is how one asks for random init.
+      ``complete=True`` (evaluation) refuses a file that leaves any tensor unset.
+    * A file converted by this project (with the ``retro_transfer`` entry)
+      must also be for the model's architecture and norm.
     """
 
     _path = "MODEL.WEIGHTS"
 
+    def __init__(self, model, save_dir: str = "", *, complete: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.complete = complete
+
     def _load_file(self, filename):
         self._path = filename
-        return super()._load_file(filename)
+        if filename.endswith(".pkl"):
+            return _zoo_layout(load_weights_pickle(filename))
+        if filename.endswith(".pyth"):
+            return _pycls_layout(safe_load(filename), filename)
+        return super()._load_file(filename)  # calls _torch_load, and reads matching_heuristics from the URL
+
+    def _torch_load(self, f):
+        return safe_load(f)
 
     def _load_model(self, checkpoint):
         meta = checkpoint.get(META_KEY)
         if isinstance(meta, Mapping):
             check_model_matches(self.model, meta, self._path)
+        holds = _what_the_file_holds(checkpoint, self._path)  # before loading pops "model"
         incompatible = super()._load_model(checkpoint)
-        if isinstance(meta, Mapping):
-            missing = [k for k in incompatible.missing_keys if _pretrained(k, meta.get("target"))]
-            wrong = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
-            if missing or wrong:
-                raise IncompatibleWeightsError(
-                    f"the {meta.get('arch')} backbone in {self._path} does not fill the model's: "
-                    + (f"{len(missing)} backbone tensors missing (e.g. {', '.join(missing[:5])}) " if missing else "")
-                    + (f"shape mismatches: {'; '.join(wrong[:4])}" if wrong else "")
-                )
+        self._refuse_unfilled(incompatible, holds)
         return incompatible
+
+    def _refuse_unfilled(self, incompatible, holds: str) -> None:
+        """Raise if loading left tensors that must come from the file at their initial values."""
+        must_fill = (lambda k: not k.endswith("num_batches_tracked")) if self.complete else _backbone_keys(self.model)
+        left = [k for k in incompatible.missing_keys if must_fill(k)]  # shape mismatches are among them
+        if not left:
+            return
+        total = sum(1 for k in self.model.state_dict() if must_fill(k))
+        wrong = [f"{k} file {tuple(a)} vs model {tuple(b)}"
+                 for k, a, b in incompatible.incorrect_shapes if must_fill(k)]
+        what = "model" if self.complete else "backbone"
+        fix = ("Evaluate a checkpoint of this model (OUTPUT_DIR/model_final.pth)" if self.complete else
+               "Pass a file from tools/convert_to_d2.py for this backbone, or MODEL.WEIGHTS '' to train from random "
+               "initialisation on purpose")
+        raise IncompatibleWeightsError(
+            f"MODEL.WEIGHTS {self._path} leaves {len(left)} of the {total} {what} tensors at random initialisation "
+            f"(e.g. {', '.join(left[:4])})" + (f"; shape mismatches: {'; '.join(wrong[:3])}" if wrong else "")
+            + f"; {holds}. {fix}"
+        )
+
+
+def _zoo_layout(data: dict) -> dict:
+    """A ``.pkl``'s dict as ``DetectionCheckpointer`` arranges it (Detectron2, Detectron or Caffe2 model zoo)."""
+    if "model" in data and "__author__" in data:
+        return data
+    if "blobs" in data:  # Detectron detection models; ImageNet ones are the blobs themselves
+        data = data["blobs"]
+    data = {k: v for k, v in data.items() if not str(k).endswith("_momentum")}
+    return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+
+
+def _pycls_layout(data: dict, path: str) -> dict:
+    """A pycls ``.pyth`` checkpoint as ``DetectionCheckpointer`` arranges it."""
+    if not isinstance(data.get("model_state"), Mapping):
+        raise CheckpointError(f"{path}: a .pyth file is read as a pycls checkpoint and needs a 'model_state' entry")
+    state = {k: v for k, v in data["model_state"].items() if not k.endswith("num_batches_tracked")}
+    return {"model": state, "__author__": "pycls", "matching_heuristics": True}
 
 
 def describe(weights: D2Weights, out: os.PathLike) -> List[str]:

@@ -12,6 +12,11 @@ loaders that read Pascal VOC and ImageNet read it too:
     (palette PNGs, 255 = "void" on object borders as in VOC),
     ``ImageSets/Main/{train,val,trainval,test}.txt`` and
     ``ImageSets/Segmentation/{train,val,trainval}.txt``.
+``OUT/annotations/instances_{train,val,test}.json``
+    The same VOC images and splits as COCO instance annotations (Mask R-CNN):
+    one annotation per object with its visible mask as compressed RLE, the
+    tight box ``[x, y, w, h]`` of that mask and its area; category ids 1..7
+    in ``classes.txt`` order; ``file_name`` relative to ``VOC2007/JPEGImages``.
 ``OUT/classification/{train,val}/<class>/*.jpg``
     An ImageFolder split with one dominant object per image (linear probe, k-NN).
 ``OUT/unlabeled/*.jpg``
@@ -39,6 +44,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 CLASSES: Tuple[str, ...] = (
     "circle",
@@ -53,6 +59,8 @@ CLASSES: Tuple[str, ...] = (
 #: Marker file that identifies a folder written by this module.
 META_FILE = "shapes.json"
 VOC_DIRNAME = "VOC2007"
+COCO_DIRNAME = "annotations"
+COCO_SPLITS = ("train", "val", "test")
 VOID = 255
 
 # Objects occluded below this visible fraction are hard to recognise: VOC marks
@@ -345,6 +353,43 @@ def voc_annotation_xml(image_id: str, size: int, objects: Sequence[ShapeObject])
     return ET.ElementTree(root)
 
 
+def coco_annotations(objects: Sequence[ShapeObject], image_id: int, first_id: int) -> List[dict]:
+    """COCO instance annotations of one image's objects: visible mask as compressed RLE, its tight box and area.
+
+    The box is the mask's, in COCO's continuous ``[x, y, width, height]``
+    (a pixel column x covers [x, x + 1)), so it agrees with the VOC box.
+    """
+    annotations = []
+    for offset, obj in enumerate(objects):
+        rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+        x0, y0, x1, y1 = obj.bbox()
+        annotations.append({
+            "id": first_id + offset,
+            "image_id": image_id,
+            "category_id": obj.label + 1,
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            "area": int(obj.mask.sum()),
+            "bbox": [float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)],
+            "iscrowd": 0,
+        })
+    return annotations
+
+
+def _write_coco(root: Path, size: int, splits: dict, images: dict) -> None:
+    """``annotations/instances_{split}.json`` for the VOC splits; ``images`` maps a VOC id to its annotations."""
+    (root / COCO_DIRNAME).mkdir()
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
+    for split in COCO_SPLITS:
+        members = splits[split]
+        coco = {
+            "info": {"description": f"retro-transfer shapes, {split} split of {VOC_DIRNAME}"},
+            "images": [{"id": int(i), "file_name": f"{i}.jpg", "width": size, "height": size} for i in members],
+            "annotations": [ann for i in members for ann in images[i]],
+            "categories": categories,
+        }
+        (root / COCO_DIRNAME / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
 def _image_rng(root: np.random.SeedSequence, stream: int, index: int) -> np.random.Generator:
     """Independent generator per (stream, image): reproducible and order-free."""
     return np.random.default_rng(np.random.SeedSequence(entropy=root.entropy, spawn_key=(stream, index)))
@@ -370,6 +415,8 @@ def _write_voc(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, 
         (voc / sub).mkdir(parents=True)
     palette = voc_palette()
     ids = []
+    coco_images = {}
+    next_annotation = 1
     for index in progress(range(cfg.num_images), desc="VOC images"):
         rng = _image_rng(seed_seq, _VOC_STREAM, index)
         img, objects = _multi_object_scene(rng, cfg)
@@ -382,6 +429,8 @@ def _write_voc(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, 
         cls_map, inst_map = label_maps(objects, cfg.size)
         _save_palette_png(cls_map, voc / "SegmentationClass" / f"{image_id}.png", palette)
         _save_palette_png(inst_map, voc / "SegmentationObject" / f"{image_id}.png", palette)
+        coco_images[image_id] = coco_annotations(objects, index, next_annotation)
+        next_annotation += len(objects)
 
     # A quarter held out as test (scored by the evaluators), the rest trainval, of which a quarter is val.
     order = np.random.default_rng(np.random.SeedSequence(seed_seq.entropy, spawn_key=(_SPLIT_STREAM,))).permutation(len(ids))
@@ -394,6 +443,7 @@ def _write_voc(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, 
         _write_split_list(voc / "ImageSets" / "Main" / f"{name}.txt", members)
         if name != "test":
             _write_split_list(voc / "ImageSets" / "Segmentation" / f"{name}.txt", members)
+    _write_coco(root, cfg.size, splits, coco_images)
 
 
 def _write_classification(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, progress: Callable) -> None:
@@ -470,7 +520,7 @@ def generate(out: os.PathLike, cfg: ShapesConfig = ShapesConfig(), overwrite: bo
         _write_voc(tmp, cfg, seed_seq, progress)
         _write_classification(tmp, cfg, seed_seq, progress)
         _write_unlabeled(tmp, cfg, seed_seq, progress)
-        meta = {"generator": "retro_transfer.data.shapes", "format_version": 1, "classes": list(CLASSES), **asdict(cfg)}
+        meta = {"generator": "retro_transfer.data.shapes", "format_version": 2, "classes": list(CLASSES), **asdict(cfg)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():

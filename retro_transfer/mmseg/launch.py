@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from retro_transfer.checkpoints import CheckpointError
+from retro_transfer.checkpoints import CheckpointError, safe_load
+
+from .checks import check_data, check_segmentor_checkpoint, checkpoint_to_load
 
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -26,9 +28,13 @@ def load_config(
     cfg_options: Optional[Mapping] = None,
     work_dir: Optional[os.PathLike] = None,
     launcher: str = "none",
+    data_root: Optional[os.PathLike] = None,
 ) -> Config:
     """The config at ``path`` with ``--cfg-options`` merged, a work dir and the launcher set.
 
+    ``data_root`` (``--data-root``) replaces the data root of every data
+    loader's dataset, after ``cfg_options``; whether the folder holds what the
+    config expects is checked when a run starts (:mod:`.checks`).
     The work dir defaults to ``work_dirs/<config name>`` (MMSeg's convention).
     A distributed launch needs GPUs: MMEngine's set-up pins each process to one.
     A data loader with no worker processes gets ``persistent_workers=False``
@@ -56,7 +62,18 @@ def load_config(
         loader = cfg.get(name)
         if loader is not None and loader.get("num_workers", 0) == 0:
             loader["persistent_workers"] = False
+        if loader is not None and data_root is not None:
+            _set_data_root(loader.dataset, str(data_root))
     return cfg
+
+
+def _set_data_root(dataset: Mapping, data_root: str) -> None:
+    """Set ``data_root`` on a dataset config, or on the datasets a wrapper (Concat, Repeat...) holds."""
+    inner = dataset.get("datasets") or ([dataset["dataset"]] if "dataset" in dataset else [])
+    for child in inner:
+        _set_data_root(child, data_root)
+    if not inner:
+        dataset["data_root"] = data_root
 
 
 def check_pretrained(cfg: Config) -> None:
@@ -102,10 +119,30 @@ def resolve_checkpoint(cfg: Config, checkpoint: Optional[str]) -> str:
     return str(checkpoint)
 
 
+def _read_checkpoint(cfg: Config) -> Tuple[Optional[str], Optional[dict]]:
+    """The checkpoint the Runner will load, read here with ``weights_only`` loading first.
+
+    A file that is not safe weights then gets the toolkit's one-line refusal
+    rather than torch's advice to turn safe loading off, before anything starts.
+    """
+    path = checkpoint_to_load(cfg)
+    return path, (safe_load(path) if path and "://" not in path else None)
+
+
+def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict]) -> Runner:
+    """The Runner, once the checkpoint it will load is known to fill its model."""
+    runner = Runner.from_cfg(cfg)
+    if ckpt is not None:
+        check_segmentor_checkpoint(runner.model, ckpt, path)
+    return runner
+
+
 def train(cfg: Config) -> Runner:
     """Train (and validate every ``val_interval``) as the config says; returns the Runner."""
     check_pretrained(cfg)  # the Runner initialises the backbone even when it then resumes
-    runner = Runner.from_cfg(cfg)
+    path, ckpt = _read_checkpoint(cfg)
+    check_data(cfg, ["train_dataloader"] + (["val_dataloader"] if cfg.get("val_cfg") else []))
+    runner = _runner(cfg, path, ckpt)
     runner.train()
     return runner
 
@@ -114,5 +151,6 @@ def test(cfg: Config, checkpoint: str) -> dict:
     """Evaluate ``checkpoint`` (a Runner checkpoint) on the config's test set; returns the metrics."""
     cfg.load_from = checkpoint
     cfg.resume = False
-    runner = Runner.from_cfg(cfg)
-    return dict(runner.test())
+    path, ckpt = _read_checkpoint(cfg)
+    check_data(cfg, ["test_dataloader"])
+    return dict(_runner(cfg, path, ckpt).test())

@@ -21,6 +21,7 @@ from .upstream import data_dir, student_file
 TRANSFERRED = ("retro", "moco_v2")
 INITS = TRANSFERRED + ("random",)
 DETECTION_CONFIG = "configs/detection/shapes_frcnn_effb0.yaml"
+MASK_RCNN_CONFIG = "configs/detection/shapes_mrcnn_effb0.yaml"
 
 
 def d2_weights_file(ctx: Context, method: str) -> Path:
@@ -63,9 +64,10 @@ def _convert_command(method: str):
 # -- detection ------------------------------------------------------------------------------
 
 
-def _detection_opts(ctx: Context, folder: Path, init: str) -> List[str]:
+def _detection_opts(ctx: Context, folder: Path, init: str, iters_key: str = "det_iters") -> List[str]:
+    """Detectron2 overrides for a stage: weights of ``init``, the preset's sizes, ``iters_key`` iterations."""
     p = ctx.preset
-    iters = p["det_iters"]
+    iters = p[iters_key]
     weights = str(d2_weights_file(ctx, init)) if init != "random" else ""
     side = p["image_side"]
     return [
@@ -158,17 +160,13 @@ def _per_image_collector():
 
 def _detect(init: str):
     def run(ctx: Context, folder: Path) -> Dict:
-        from detectron2.config import get_cfg
         from detectron2.data import MetadataCatalog
         from detectron2.evaluation import DatasetEvaluators
 
-        from retro_transfer.d2 import add_retro_config, check_config, register_shapes
+        from retro_transfer.d2 import check_config, load_config, register_shapes
         from retro_transfer.d2.train import RetroTrainer
 
-        cfg = get_cfg()
-        add_retro_config(cfg)
-        cfg.merge_from_file(DETECTION_CONFIG)
-        cfg.merge_from_list(_detection_opts(ctx, folder, init))
+        cfg = load_config(DETECTION_CONFIG, _detection_opts(ctx, folder, init))
         register_shapes(cfg.DATASETS.SHAPES_ROOT)
         check_config(cfg)
         cfg.freeze()
@@ -196,10 +194,47 @@ def _detect(init: str):
     return run
 
 
+def _train_net_command(config: str, opts: List[str]) -> str:
+    quoted = " ".join(f"'{o}'" if (not o or " " in o) else o for o in opts)
+    return f"python tools/train_net.py --config-file {config} {quoted}"
+
+
 def _detect_command(init: str):
     def command(ctx: Context, folder: Path) -> str:
-        opts = " ".join(f"'{o}'" if (not o or " " in o) else o for o in _detection_opts(ctx, folder, init))
-        return f"python tools/train_net.py --config-file {DETECTION_CONFIG} {opts}"
+        return _train_net_command(DETECTION_CONFIG, _detection_opts(ctx, folder, init))
+
+    return command
+
+
+def _mask_rcnn(init: str):
+    """Mask R-CNN on the shapes data's COCO annotations: box and mask AP from COCOEvaluator."""
+
+    def run(ctx: Context, folder: Path) -> Dict:
+        from retro_transfer.d2 import check_config, check_datasets, load_config, register_shapes
+        from retro_transfer.d2.train import RetroTrainer
+
+        cfg = load_config(MASK_RCNN_CONFIG, _detection_opts(ctx, folder, init, "mrcnn_iters"))
+        register_shapes(cfg.DATASETS.SHAPES_ROOT)
+        check_config(cfg)
+        check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        cfg.freeze()
+        trainer = RetroTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        results = trainer.train()
+        results = results if "bbox" in results else next(iter(results.values()))  # one test set: unwrapped
+        (folder / "model_final.pth").unlink(missing_ok=True)  # the metrics are the output; keep the disk small
+        metrics = {"init": init, "iters": cfg.SOLVER.MAX_ITER}
+        for task, prefix in (("bbox", "box"), ("segm", "mask")):
+            for name in ("AP", "AP50", "AP75"):
+                metrics[f"{prefix}_{name}"] = _finite(results[task][name])
+        return metrics
+
+    return run
+
+
+def _mask_rcnn_command(init: str):
+    def command(ctx: Context, folder: Path) -> str:
+        return _train_net_command(MASK_RCNN_CONFIG, _detection_opts(ctx, folder, init, "mrcnn_iters"))
 
     return command
 
@@ -314,6 +349,11 @@ def downstream_stages(preset: Dict) -> List[Stage]:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
         stages.append(Stage(f"seg_{init}", _segment(init), _segment_command(init), deps=deps,
                             title=f"FCN segmentation on shapes-VOC from {init} initialisation"))
+    if preset.get("mrcnn_iters"):  # off unless a preset asks for it
+        for init in INITS:
+            deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
+            stages.append(Stage(f"mrcnn_{init}", _mask_rcnn(init), _mask_rcnn_command(init), deps=deps,
+                                title=f"Mask R-CNN on shapes-COCO from {init} initialisation"))
     return stages
 
 
@@ -396,6 +436,13 @@ def downstream_sections(out: Path, records: Dict[str, Dict], det_evidence: Dict 
                  difference_text(det_evidence.get(m["init"], {}).get("vs_random"))] for m in det]
         lines += markdown_table(["initialisation", "AP", "AP50", "AP75", "AP50 vs random"], rows)
         lines += [""] + [f"![{i} detections](det_{i}/predictions.png) `{i}`" for i in INITS if f"det_{i}" in records]
+        sections.append("\n".join(lines))
+    masks = [records[f"mrcnn_{i}"]["metrics"] for i in INITS if f"mrcnn_{i}" in records]
+    if masks:
+        lines = ["## Instance segmentation (Mask R-CNN FPN, shapes-COCO test)", "",
+                 f"Fine-tuned for {masks[0]['iters']} iterations from each initialisation; COCOEvaluator box and mask AP.", ""]
+        lines += markdown_table(["initialisation", "box AP", "box AP50", "mask AP", "mask AP50"],
+                                [[m["init"], m["box_AP"], m["box_AP50"], m["mask_AP"], m["mask_AP50"]] for m in masks])
         sections.append("\n".join(lines))
     seg = [records[f"seg_{i}"]["metrics"] for i in INITS if f"seg_{i}" in records]
     if seg:
