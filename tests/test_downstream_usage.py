@@ -304,3 +304,25 @@ def test_no_torch_jit_warning_at_tool_start_and_nothing_else_filtered(tmp_path):
              "warnings.warn('another future change', FutureWarning)")
     run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
     assert "another future change" in run.stderr and "torch.jit.script" not in run.stderr
+
+
+# ---------------------------------------------------------------------- no two runs in one folder
+
+
+def test_a_new_training_run_never_writes_over_another(shapes_root, tmp_path, capsys):
+    """train_net and train_seg refuse a folder holding a run (its last_checkpoint) unless told --resume."""
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "last_checkpoint").write_text("model_0000009.pth")
+    train_net = load_tool("train_net")
+    args = train_net.parser().parse_args(
+        ["--config", "shapes_frcnn_r18", "MODEL.WEIGHTS", "", "DATASETS.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(held)]
+    )
+    message = error_of(lambda: train_net.setup(args), capsys)
+    assert f"OUTPUT_DIR {held} already holds a run" in message and "--resume" in message
+
+    train_seg = load_tool("train_seg")
+    seg_args = ["shapes_fcn_r18", "--data-root", str(shapes_root / "VOC2007"), "--work-dir", str(held),
+                "--cfg-options", "model.backbone.init_cfg=None"]
+    message = error_of(lambda: train_seg.main(seg_args), capsys)
+    assert f"work dir {held} already holds a run" in message and "--resume" in message

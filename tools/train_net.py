@@ -67,6 +67,7 @@ def setup(args):
     except (ConfigError, DatasetError) as err:
         fail(str(err))
     check_weights_given(cfg, args)
+    check_output_dir_free(cfg, args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -90,6 +91,15 @@ def check_weights_given(cfg, args) -> None:
                  "or MODEL.WEIGHTS '' to train from random initialisation on purpose")
     if weights and "://" not in weights and not os.path.isfile(weights):
         fail(f"MODEL.WEIGHTS {weights} not found; make it with tools/convert_to_d2.py")
+
+
+def check_output_dir_free(cfg, args) -> None:
+    """A new training run never writes over another: an OUTPUT_DIR with a run in it needs --resume."""
+    if args.resume or args.eval_only:
+        return
+    if os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        fail(f"OUTPUT_DIR {cfg.OUTPUT_DIR} already holds a run (last_checkpoint); continue it with --resume, "
+             "or give another OUTPUT_DIR")
 
 
 def main(args):

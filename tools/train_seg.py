@@ -74,6 +74,9 @@ def main(argv=None) -> int:
                 fail("--amp needs a GPU")
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
+        if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
+            fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+                 "or give another --work-dir")
         launch.set_resume(cfg, args.resume)
         launch.train(cfg)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
