@@ -50,7 +50,8 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
     for name in ["data", "teacher", "distill_moco_v2", "distill_seed", "distill_disco", "distill_retro",
-                 "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro"]:
+                 "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro",
+                 "semisup_moco_v2", "semisup_seed", "semisup_disco", "semisup_retro"]:
         assert name in stages, f"stage {name} missing from summary.json"
     for name, stage in stages.items():
         numbers = list(_numbers(stage["metrics"]))
@@ -59,7 +60,7 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
         assert stage["command"].startswith("python tools/"), stage["command"]
     assert set(stages["eval_retro"]["metrics"]) == {"backbone", "adapter"}
     report = (out / "report.md").read_text()
-    assert "## Distillation" in report and "## Frozen-feature evaluation" in report
+    assert "## Distillation" in report and "## Frozen-feature evaluation" in report and "10%-label" in report
     for figure in ("loss_curves.png", "accuracy.png", "knn_curves.png"):
         assert (out / figure).stat().st_size > 1000
 
@@ -91,4 +92,4 @@ def test_rerun_skips_and_a_deleted_stage_redoes_only_itself_and_later(smoke_run)
     assert _ran(again.stdout) == [], "a re-run redid finished stages"
     shutil.rmtree(out / "distill_seed")
     partial = _pipeline(out)
-    assert _ran(partial.stdout) == ["distill_seed", "eval_seed"]
+    assert _ran(partial.stdout) == ["distill_seed", "eval_seed", "semisup_seed"]

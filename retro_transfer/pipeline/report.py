@@ -101,7 +101,9 @@ def evaluation_rows(records: Mapping[str, Dict], evidence: Mapping = None) -> Li
             e = (evidence or {}).get((model, which))
             linear = str(e["linear"]) if e else m["linear_top1"]
             knn = str(e["knn"]) if e else m["knn_top1"]
-            rows.append([label, linear, m["linear_top5"], knn, difference_text(e["vs_baseline"]) if e else "-"])
+            semisup = records.get(f"semisup_{model}") if which == "backbone" else None
+            rows.append([label, linear, m["linear_top5"], knn, semisup["metrics"]["top1"] if semisup else "-",
+                         difference_text(e["vs_baseline"]) if e else "-"])
     return rows
 
 
@@ -171,8 +173,12 @@ def write_report(
                   f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split"
                   + (f" ({num_val} validation images: one image is {100 / num_val:.2f} points)" if num_val else "")
                   + f". Brackets: 95% bootstrap intervals over validation images; the last column is the paired "
-                  f"bootstrap of the linear top-1 difference from the {BASELINE} (MoCo v2 alone) student.", ""]
-        lines += markdown_table(["model (features)", "linear top-1", "linear top-5", "k-NN top-1", f"linear vs {BASELINE}"], rows)
+                  f"bootstrap of the linear top-1 difference from the {BASELINE} (MoCo v2 alone) student. "
+                  f"10%-label column: the whole student fine-tuned on 10% of the training labels per class "
+                  f"({preset.get('semisup_epochs', '-')} epochs; tools/semisup_eval.py).", ""]
+        lines += markdown_table(
+            ["model (features)", "linear top-1", "linear top-5", "k-NN top-1", "10%-label fine-tune top-1", f"linear vs {BASELINE}"], rows
+        )
         if evidence:
             bars = [{"label": f"{m} ({w})", **e} for (m, w), e in evidence.items()]
             lines += ["", f"![accuracy]({accuracy_figure(out, bars).name})"]

@@ -189,6 +189,33 @@ def _eval_command(checkpoint_of, which_list):
     return command
 
 
+def _semisup_stage(checkpoint_of):
+    """The student fine-tuned whole on 10% of the classification labels (SEED's and DisCo's semi-supervised protocol)."""
+
+    def run(ctx: Context, folder: Path) -> Dict:
+        from distill.semisup import finetune_semisup
+
+        p = ctx.preset
+        result = finetune_semisup(
+            checkpoint_of(ctx), data_dir(ctx) / "classification", label_fraction=0.1, labels_out=folder / "labels_10pct.txt",
+            epochs=p["semisup_epochs"], batch_size=64, image_size=p["crop"], workers=p["workers"], seed=p["seed"],
+        )
+        return {"label_fraction": 0.1, "labelled": result["labelled"]["count"], "epochs": p["semisup_epochs"],
+                "top1": result["top1"], "top5": result["top5"]}
+
+    return run
+
+
+def _semisup_command(checkpoint_of):
+    def command(ctx: Context, folder: Path) -> str:
+        p = ctx.preset
+        return (f"python tools/semisup_eval.py {checkpoint_of(ctx)} --data {data_dir(ctx) / 'classification'} "
+                f"--label-fraction 0.1 --epochs {p['semisup_epochs']} --batch-size 64 --image-size {p['crop']} "
+                f"--workers {p['workers']} --seed {p['seed']} --out {folder / 'result.json'}")
+
+    return command
+
+
 def _cli(tool: str, config: str, overrides: List[str]) -> str:
     return " ".join([f"python tools/{tool}", "--config", config, *overrides])
 
@@ -219,4 +246,9 @@ def upstream_stages(preset: Dict) -> List[Stage]:
             Stage(f"eval_{method}", _eval_stage(method, checkpoint, which), _eval_command(checkpoint, which),
                   deps=("data", f"distill_{method}"), title=f"linear probe and k-NN: {method} student")
         )
+        if p.get("semisup_epochs"):
+            stages.append(
+                Stage(f"semisup_{method}", _semisup_stage(checkpoint), _semisup_command(checkpoint),
+                      deps=("data", f"distill_{method}"), title=f"fine-tuning on 10% of the labels: {method} student")
+            )
     return stages
