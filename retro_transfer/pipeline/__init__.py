@@ -21,12 +21,12 @@ PRESETS = {
         seed=0, num_images=400, image_side=64, crop=32, workers=0,
         teacher_arch="resnet18", teacher_steps=200, distill_steps=40, batch_size=32, queue_size=512, ema_momentum=0.99,
         knn_k=20, knn_points=5, probe_epochs=40, probe_lr=1.0, semisup_epochs=5,
-        det_iters=40, det_batch=4, det_lr=0.01, seg_iters=40, seg_batch=4,
+        det_iters=40, det_batch=4, det_lr=0.01, seg_iters=40, seg_batch=4, mrcnn_iters=40,
     ),
     "default": dict(
         seed=0, num_images=800, image_side=96, crop=48, workers=0,
         teacher_arch="resnet18", teacher_steps=300, distill_steps=60, batch_size=32, queue_size=1024, ema_momentum=0.99,
         knn_k=20, knn_points=10, probe_epochs=60, probe_lr=1.0, semisup_epochs=10,
-        det_iters=100, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4,
+        det_iters=100, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4, mrcnn_iters=60,
     ),
 }
