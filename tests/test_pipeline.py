@@ -78,9 +78,11 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
         assert (out / stage / "per_image.json").exists(), stage
     flags = json.loads((out / "eval_retro" / "per_image.json").read_text())["adapter"]["linear"]
     assert len(flags) == num_val and set(flags) <= {0, 1}
-    # Each table row of a model carries "value [low, high]".
-    rows = [line for line in report.splitlines() if line.startswith("| retro")]
-    assert rows and all("[" in row for row in rows)
+    # In the evaluation, detection and segmentation tables each row carries "value [low, high]".
+    for section in ("## Frozen-feature evaluation", "## Detection", "## Semantic segmentation"):
+        table = report.split(section, 1)[1].split("\n## ", 1)[0]
+        rows = [line for line in table.splitlines() if line.startswith("| retro")]
+        assert rows and all("[" in row for row in rows), (section, rows)
     # The monitor logged k-NN accuracy while the teacher trained.
     log = [json.loads(line) for line in (out / "teacher" / "log.jsonl").read_text().splitlines()]
     assert any("knn_top1" in record for record in log)
