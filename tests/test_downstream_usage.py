@@ -7,9 +7,7 @@ its architecture exactly; ``train_seg --data-root`` points every loader at a
 folder and names what is missing there; no dependency warning at start-up.
 """
 
-import importlib.util
 import json
-import logging
 import math
 import os
 import subprocess
@@ -34,40 +32,11 @@ from retro_transfer.d2 import RetroCheckpointer, load_config, register_shapes, s
 from retro_transfer.data.shapes import CLASSES, VOID
 from retro_transfer.models.students import Student
 
+from tool_helpers import fresh_detectron2_logging, load_tool, one_thread  # noqa: F401  (autouse fixtures)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 STUDENTS = ("efficientnet_b0", "mobilenetv3_large_100", "resnet18", "resnet34")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_usage_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_detectron2_logging():
-    """Detectron2's cached ``setup_logger`` would keep writing to an earlier test's closed stdout."""
-    from detectron2.utils.logger import setup_logger
-
-    def forget():
-        setup_logger.cache_clear()
-        for name in ("detectron2", "fvcore"):
-            logging.getLogger(name).handlers.clear()
-
-    forget()
-    yield
-    forget()
 
 
 def error_of(call, capsys) -> str:

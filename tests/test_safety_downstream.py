@@ -8,7 +8,6 @@ is ``SystemExit(2)`` with one line on stderr.
 """
 
 import collections
-import importlib.util
 import json
 import logging
 import os
@@ -34,45 +33,11 @@ from retro_transfer.d2.pickles import load_weights_pickle
 from retro_transfer.d2.weights import RetroCheckpointer
 from retro_transfer.models.students import Student
 
+from tool_helpers import fresh_detectron2_logging, load_tool, one_thread  # noqa: F401  (autouse fixtures)
+
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT / "configs" / "detection"
 SEGMENTATION = ROOT / "configs" / "segmentation"
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_safety_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def fresh_detectron2_logging():
-    """Let each in-process train_net run set up its loggers anew.
-
-    Detectron2's ``setup_logger`` is cached, so its handlers would keep
-    writing to the stdout of the test that first ran a tool, which pytest has
-    closed by then (a ``--- Logging error ---`` traceback on stderr).
-    """
-    from detectron2.utils.logger import setup_logger
-
-    def forget():
-        setup_logger.cache_clear()
-        for name in ("detectron2", "fvcore"):
-            logging.getLogger(name).handlers.clear()
-
-    forget()  # another test module may have run a tool before
-    yield
-    forget()
 
 
 @pytest.fixture(scope="module")
