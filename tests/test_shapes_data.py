@@ -184,3 +184,25 @@ def test_cli_overwrite_rules(tmp_path):
     assert (foreign / "thesis.tex").read_text() == "do not delete"
     # Nothing half-written is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "shapes"]
+
+
+def test_dominant_objects_are_whole_upright_and_plain():
+    """What lets a short contrastive run learn shapes: the classification and unlabeled
+    images show one whole, upright object, and colour carries no identity (one object
+    colour, one background tone), so shape is the cue that survives augmentation."""
+    from retro_transfer.data import shapes
+
+    for index in range(40):
+        rng = np.random.default_rng(index)
+        label = index % len(CLASSES)
+        img, objects = shapes.render_scene(rng, 64, [label], [shapes._DOMINANT_RADII], inside=True)
+        (obj,) = objects
+        x0, y0, x1, y1 = obj.bbox()
+        assert min(x0, y0) > 0 and max(x1, y1) < 63, f"{CLASSES[label]} touches the border: {obj.bbox()}"
+        inner = obj.mask & ~shapes._border(obj.mask, 1)
+        assert np.abs(img[inner].mean(0) - np.array(shapes.OBJECT_RGB)).max() < 3
+        assert np.abs(img[~obj.mask].mean() - shapes.BACKGROUND_LEVEL) < 3
+    # Upright: a square is drawn axis-aligned (its mask fills its bounding box).
+    img, (square,) = shapes.render_scene(np.random.default_rng(0), 64, [CLASSES.index("square")], [shapes._DOMINANT_RADII], inside=True)
+    x0, y0, x1, y1 = square.bbox()
+    assert square.mask.sum() > 0.85 * (x1 - x0 + 1) * (y1 - y0 + 1)

@@ -20,7 +20,8 @@ loaders that read Pascal VOC and ImageNet read it too:
 ``OUT/classification/{train,val}/<class>/*.jpg``
     An ImageFolder split with one dominant object per image (linear probe, k-NN).
 ``OUT/unlabeled/*.jpg``
-    A flat folder of multi-object images for self-supervised distillation.
+    A flat folder of object-centric images (like ImageNet, one dominant object
+    over small distractors) for self-supervised pretraining and distillation.
 ``OUT/classes.txt``
     One class name per line, in label order (VOC index = line number + 1).
 ``OUT/shapes.json``
@@ -198,48 +199,33 @@ def _shape_mask(size: int, name: str, cx: float, cy: float, radius: float, rotat
     return np.asarray(canvas, dtype=bool)
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour: shapes must stand out from the muted backgrounds."""
-    hue = rng.uniform(0, 6)
-    sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
-    i, f = int(hue) % 6, hue - int(hue)
-    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
-    rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
-    return np.array(rgb) * 255.0
+# The look of every image is deliberately plain: one object colour (with a dark
+# outline, so that touching objects stay apart) on one background tone. In a
+# data set this small, any per-image colour or texture identifies an image
+# across its two augmented views better than its shapes do, and a contrastive
+# learner then learns colours and stays at chance on the shape classes (probes
+# in BENCHMARKS.md: k-NN 14-18% with random colours and textured backgrounds).
+OBJECT_RGB = (217.0, 38.0, 38.0)
+OUTLINE_SCALE = 0.45
+BACKGROUND_LEVEL = 60.0
+NOISE_STD = 4.0
+# Objects keep their class's upright orientation up to this many degrees (a
+# CNN learns rotation invariance only from far more data than a demo has).
+ROTATION_JITTER_DEG = 10.0
+UPRIGHT = {"circle": 0.0, "triangle": -math.pi / 2, "square": math.pi / 4, "pentagon": -math.pi / 2,
+           "hexagon": 0.0, "star": -math.pi / 2, "cross": 0.0}
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A muted background: a colour gradient, optionally a texture, plus noise."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = rng.uniform(40, 200, 3), rng.uniform(40, 200, 3)
-    angle = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(angle) * xx + np.sin(angle) * yy + 1.5) / 3.0
-    img = c0[None, None] * (1 - ramp[..., None]) + c1[None, None] * ramp[..., None]
-    texture = rng.integers(0, 3)
-    if texture == 1:  # stripes
-        period = rng.uniform(4, 16)
-        theta = rng.uniform(0, math.pi)
-        stripes = np.sin(2 * math.pi * (np.cos(theta) * xx + np.sin(theta) * yy) * size / period)
-        img += rng.uniform(8, 25) * stripes[..., None]
-    elif texture == 2:  # checkerboard
-        cell = int(rng.integers(4, 17))
-        checker = ((np.arange(size)[:, None] // cell + np.arange(size)[None] // cell) % 2) * 2 - 1
-        img += rng.uniform(8, 25) * checker[..., None]
-    img += rng.normal(0, rng.uniform(3, 12), img.shape)
-    return img
+    """A flat background with light sensor-like noise."""
+    return BACKGROUND_LEVEL + rng.normal(0, NOISE_STD, (size, size, 3))
 
 
 def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:
-    """Fill ``mask`` with a random colour, sometimes striped, with light noise."""
-    colour = _random_colour(rng)
-    fill = np.broadcast_to(colour, img.shape).copy()
-    if rng.random() < 0.3:
-        size = img.shape[0]
-        yy, xx = np.mgrid[0:size, 0:size]
-        period = rng.uniform(3, 8)
-        stripe = (np.sin(2 * math.pi * (xx + yy) / period) > 0)[..., None]
-        fill = np.where(stripe, fill, fill * 0.6)
-    fill += rng.normal(0, 4, img.shape)
+    """Fill ``mask`` with the object colour and a one-pixel darker outline, with light noise."""
+    fill = np.asarray(OBJECT_RGB) + rng.normal(0, NOISE_STD, img.shape)
+    outline = _border(mask, 1)
+    fill[outline] *= OUTLINE_SCALE
     img[mask] = fill[mask]
 
 
@@ -249,14 +235,21 @@ def _place_object(
     objects: List[ShapeObject],
     label: int,
     radius_range: Tuple[float, float],
+    inside: bool = False,
     tries: int = 20,
 ) -> Optional[np.ndarray]:
-    """Sample a placement of ``label`` that leaves every earlier object visible enough."""
+    """Sample a placement of ``label`` that leaves every earlier object visible enough.
+
+    Centres may sit near the border so that some objects are truncated, unless
+    ``inside`` asks for the whole object in the frame (the classification splits).
+    """
+    jitter = math.radians(ROTATION_JITTER_DEG)
     for _ in range(tries):
         radius = rng.uniform(*radius_range) * size
-        # Centres may sit near the border so that some objects are truncated.
-        cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2)
-        mask = _shape_mask(size, CLASSES[label], cx, cy, radius, rng.uniform(0, 2 * math.pi))
+        margin = 1.06 * radius + 1 if inside else 0.1 * size  # the cross reaches 1.06 radii
+        cx, cy = rng.uniform(margin, size - margin, 2)
+        rotation = UPRIGHT[CLASSES[label]] + rng.uniform(-jitter, jitter)
+        mask = _shape_mask(size, CLASSES[label], cx, cy, radius, rotation)
         if mask.sum() < 16:
             continue
         if all((obj.mask & ~mask).sum() >= MIN_VISIBLE_FRACTION * obj.full_area for obj in objects):
@@ -269,16 +262,17 @@ def render_scene(
     size: int,
     labels: Sequence[int],
     radius_ranges: Sequence[Tuple[float, float]],
+    inside: bool = False,
 ) -> Tuple[np.ndarray, List[ShapeObject]]:
     """Draw ``labels`` in order (later ones occlude earlier ones) on a background.
 
     Returns the uint8 RGB image and the objects that could be placed, each with
-    its final visible mask.
+    its final visible mask. ``inside`` keeps the last (dominant) object whole in the frame.
     """
     img = _background(rng, size)
     objects: List[ShapeObject] = []
-    for label, radius_range in zip(labels, radius_ranges):
-        mask = _place_object(rng, size, objects, label, radius_range)
+    for index, (label, radius_range) in enumerate(zip(labels, radius_ranges)):
+        mask = _place_object(rng, size, objects, label, radius_range, inside=inside and index == len(labels) - 1)
         if mask is None:
             continue
         for obj in objects:
@@ -446,6 +440,18 @@ def _write_voc(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, 
     _write_coco(root, cfg.size, splits, coco_images)
 
 
+_DOMINANT_RADII = (0.28, 0.42)
+_DISTRACTOR_RADII = (0.06, 0.1)
+
+
+def _dominant_object_scene(rng: np.random.Generator, size: int, label: int) -> np.ndarray:
+    """One large object of class ``label``, whole in the frame, over up to two small distractors."""
+    n_distractors = int(rng.integers(0, 3))
+    labels = rng.integers(0, len(CLASSES), n_distractors).tolist() + [label]
+    img, _ = render_scene(rng, size, labels, [_DISTRACTOR_RADII] * n_distractors + [_DOMINANT_RADII], inside=True)
+    return img
+
+
 def _write_classification(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, progress: Callable) -> None:
     """One dominant object per image, labels balanced by cycling through classes."""
     for split, count, offset in (
@@ -457,19 +463,16 @@ def _write_classification(root: Path, cfg: ShapesConfig, seed_seq: np.random.See
         for index in progress(range(count), desc=f"classification {split}"):
             rng = _image_rng(seed_seq, _CLS_STREAM, offset + index)
             label = index % len(CLASSES)
-            # Small distractors first so the dominant object is drawn on top.
-            n_distractors = int(rng.integers(0, 3))
-            labels = rng.integers(0, len(CLASSES), n_distractors).tolist() + [label]
-            radii = [(0.06, 0.1)] * n_distractors + [(0.25, 0.4)]
-            img, objects = render_scene(rng, cfg.size, labels, radii)
+            img = _dominant_object_scene(rng, cfg.size, label)
             _save_jpeg(img, root / "classification" / split / CLASSES[label] / f"{split}_{index:06d}.jpg")
 
 
 def _write_unlabeled(root: Path, cfg: ShapesConfig, seed_seq: np.random.SeedSequence, progress: Callable) -> None:
+    """Object-centric images, as ImageNet is for the real teachers; their classes are drawn and never written."""
     (root / "unlabeled").mkdir()
     for index in progress(range(cfg.num_unlabeled), desc="unlabeled images"):
         rng = _image_rng(seed_seq, _UNLABELED_STREAM, index)
-        img, _ = _multi_object_scene(rng, cfg)
+        img = _dominant_object_scene(rng, cfg.size, int(rng.integers(0, len(CLASSES))))
         _save_jpeg(img, root / "unlabeled" / f"{index:06d}.jpg")
 
 
@@ -520,7 +523,7 @@ def generate(out: os.PathLike, cfg: ShapesConfig = ShapesConfig(), overwrite: bo
         _write_voc(tmp, cfg, seed_seq, progress)
         _write_classification(tmp, cfg, seed_seq, progress)
         _write_unlabeled(tmp, cfg, seed_seq, progress)
-        meta = {"generator": "retro_transfer.data.shapes", "format_version": 2, "classes": list(CLASSES), **asdict(cfg)}
+        meta = {"generator": "retro_transfer.data.shapes", "format_version": 3, "classes": list(CLASSES), **asdict(cfg)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
