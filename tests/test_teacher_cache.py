@@ -13,7 +13,9 @@ uncached run, that rounding is the only difference: the cached run equals, bit
 for bit, an uncached run whose embeddings are rounded the same way, and it
 stays within 1e-3 of the plain uncached run's losses (measured: at most 7e-5
 over these 4 steps; at step 1 the rounding can move each MSE term by at most
-4 * 2^-10 = 4e-3) with a student within 2% of how far training moved it.
+4 * 2^-10 = 4e-3), with a student whose distance from the uncached one is
+within 0.1% of how far training moved it (measured: 1.6e-4 Retro, 5e-6 SEED,
+3e-6 DisCo; weights and BN statistics, L2 over all tensors).
 """
 
 import json
@@ -95,14 +97,14 @@ def test_the_cache_holds_the_teachers_embedding_of_each_view_of_each_step(shapes
     assert (reader.embeddings(0, 0, 1, torch.device("cpu"))[0] - first[1]).abs().max() > 1e-2
 
 
-def test_int8_keeps_each_value_within_half_a_step_of_its_row_scale(shapes_root, teacher_ckpt, tmp_path):
+def test_int8_keeps_each_value_within_one_step_of_its_row_scale(shapes_root, teacher_ckpt, tmp_path):
     out = tmp_path / "int8"
     build_cache(config(shapes_root, teacher_ckpt, tmp_path / "unused", "retro", "train.max_steps=1"), out, dtype="int8")
     shard = safe_load(out / shard_name(0))
     assert shard["embeddings"].dtype == torch.int8 and shard["scale"].shape == (1, 8, 2)
     cached = TeacherCache(out, read_manifest(out), views=2).embeddings(0, 0, 1, torch.device("cpu"))
     for view, expected in enumerate(teacher_reference(shapes_root, teacher_ckpt, 0)):
-        # Rounding moves a value by at most scale / 2 = max|t| / 254; renormalising at most doubles it.
+        # Rounding moves a value by at most scale / 2 = max|t| / 254; with the renormalisation, by at most twice that.
         bound = expected.abs().amax(dim=1, keepdim=True) / 127
         assert ((cached[view] - expected).abs() <= bound + 1e-6).all()
 
@@ -157,7 +159,7 @@ def test_a_cached_run_is_the_uncached_run_up_to_float16_rounding(method, shapes_
             assert abs(value - cached_record[term]) <= 1e-3, (plain_record["step"], term, value, cached_record[term])
     moved = distance(student(a), initial)
     assert moved > 0
-    assert distance(student(a), student(b)) <= 0.02 * moved
+    assert distance(student(a), student(b)) <= 1e-3 * moved
 
 
 def test_a_resumed_cached_run_reads_the_steps_after_its_checkpoint(shapes_root, teacher_ckpt, cache, tmp_path):
@@ -306,6 +308,8 @@ def test_two_processes_write_the_same_cache_as_one(shapes_root, teacher_ckpt, ca
             "--steps-per-shard", "1"]  # fmt: skip
     result = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    computed = [int(n) for n in re.findall(r"this process computed (\d+) of them", result.stdout)]
+    assert sorted(computed) == [2, 2], result.stdout  # shards 0, 2 and 1, 3
     assert read_manifest(out)["run"] == read_manifest(cache)["run"]
     one, two = TeacherCache(cache, read_manifest(cache), 2), TeacherCache(out, read_manifest(out), 2)
     for step in range(STEPS):

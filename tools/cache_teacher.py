@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     print(
         f"done: {args.out} holds the teacher's embeddings of {summary['views']} view(s) x {summary['steps']} steps "
         f"in {summary['shards']} shard(s), {summary['megabytes']:.1f} MiB ({summary['dtype']}); "
-        f"distil with teacher.cache={args.out}"
+        f"this process computed {summary['computed_here']} of them; distil with teacher.cache={args.out}"
     )
     return 0
 
