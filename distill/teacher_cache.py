@@ -246,8 +246,12 @@ class TeacherCache:
         if shard != self._shard_index:
             self._shard, self._shard_index = self._load(shard), shard
         local = self.batch_size // world
-        mine = slice(rank * local, (rank + 1) * local)
-        stored = self._shard["embeddings"][row, mine, : self.views].to(device, non_blocking=True)
-        scale = self._shard.get("scale")
-        scale = None if scale is None else scale[row, mine, : self.views].to(device, non_blocking=True)
-        return tuple(t.contiguous() for t in decode(stored, scale).unbind(dim=1))
+        return lookup(self._shard, row, slice(rank * local, (rank + 1) * local), self.views, device)
+
+
+def lookup(shard: Mapping[str, torch.Tensor], row: int, images: slice, views: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """What a step reads from a loaded shard: step ``row``'s ``images``, the first ``views`` views, decoded on ``device``."""
+    stored = shard["embeddings"][row, images, :views].to(device, non_blocking=True)
+    scale = shard.get("scale")
+    scale = None if scale is None else scale[row, images, :views].to(device, non_blocking=True)
+    return tuple(t.contiguous() for t in decode(stored, scale).unbind(dim=1))
