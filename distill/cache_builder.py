@@ -119,12 +119,13 @@ def build_cache(cfg: Config, out, dtype: str = "float16", steps_per_shard: Optio
     dim = teacher.head.out_dim
     steps_per_shard = steps_per_shard or default_steps_per_shard(cfg.train.batch_size, views, dim, dtype)
     manifest = _manifest(cfg, files, autocast_dtype, views, dim, dtype, steps_per_shard, report)
-    if main:  # one process checks and writes: another could see the manifest half-renamed
-        continuing = _check_existing(out, manifest)
-        out.mkdir(parents=True, exist_ok=True)
+    # One process checks and writes the folder: another would see the manifest's temporary file meanwhile.
+    if main:
         stale = remove_stale_temporaries(out)  # before any process writes: a temporary now is a killed build's
         if stale:
-            print(f"removed {len(stale)} partial shard(s) a stopped build left in {out}")
+            print(f"removed {len(stale)} partial file(s) a stopped build left in {out}")
+        continuing = _check_existing(out, manifest)
+        out.mkdir(parents=True, exist_ok=True)
         if not continuing:
             save_atomic(manifest, out / TEACHER_CACHE_MANIFEST, dump=lambda m, f: f.write((json.dumps(m, indent=2) + "\n").encode()))
     if distributed:
