@@ -27,6 +27,13 @@ needed) and times, on one fixed random batch:
   each view through the teacher separately, one student forward per view,
   the queue cloned before scoring, fp32 and no channels_last whatever the
   flags say. Reported as ``ours / official`` (img/s ratio, >1 is faster);
+* the **cached step** (seed, disco, retro): the same step with the teacher's
+  embeddings read from a teacher cache (``teacher.cache``, issue 14) instead
+  of computed: the step's rows of an in-memory float16 shard decoded onto the
+  device and passed to the method, whose teacher backbone then does not run
+  (Retro's student path still goes through the teacher's head). Reported as
+  img/s and ``cached / uncached`` (img/s ratio). Reading a shard from disk
+  (64 MiB per ~500 ImageNet steps) is left out: well under 1 ms a step;
 * the **data path** alone (``--data-path``): images per second that the
   engine's loader delivers (decoded in memory or streamed from disk, MoCo v2
   augmentation, both views) with ``num_workers`` 0 and 1, beside the step's
@@ -48,6 +55,7 @@ Usage::
     python bench/distill_step.py --quick
     python bench/distill_step.py --students efficientnet_b0 resnet18 --iters 10
     python bench/distill_step.py --quick --data-path --image-size 48 --batch-size 64
+    python bench/distill_step.py --methods seed disco retro --students efficientnet_b0 --teacher resnet50 resnet152
 
 A markdown table is printed and every number is written to JSON (``--out``).
 Times are medians over ``--iters``; on a shared machine they are noisy.
@@ -76,7 +84,8 @@ from distill.ema import ema_update
 from distill.engine import forward_losses, make_sgd, optimize
 from distill.losses import consistency_mse, info_nce, seed_loss
 from distill.methods import METHODS, DistillMethod
-from distill.methods.base import pooled, unit
+from distill.methods.base import embed_views, pooled, unit
+from distill.teacher_cache import encode, lookup
 from retro_transfer.models import Teacher, build_student
 
 ALL_METHODS = ("moco_v2", "seed", "disco", "retro")
@@ -95,7 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
     p.add_argument("--students", nargs="+", default=None, help=f"timm names (default: {' '.join(DEFAULT_STUDENTS)})")
-    p.add_argument("--teacher", default=None, help="torchvision ResNet (default resnet50)")
+    p.add_argument("--teacher", nargs="+", default=None, help="torchvision ResNets, each timed (default resnet50)")
     p.add_argument("--image-size", type=int, default=None, help="default 224 on GPU, 64 on CPU")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 on GPU, 16 on CPU")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None, help="default bf16 on GPU, fp32 on CPU")
@@ -110,6 +119,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--quick", action="store_true", help="smoke run: 1 warmup, 2 iters, one student, resnet18 teacher, 32 px, batch 8"
     )
     p.add_argument("--no-official", action="store_true", help="skip the official-style step")
+    p.add_argument("--no-cached", action="store_true", help="skip the step with the teacher's embeddings from a cache")
     p.add_argument("--data-path", action="store_true", help="also time the data loader alone (workers 0 and 1)")
     p.add_argument("--data", default=None, help="image folder for --data-path (default: a generated shapes set)")
     p.add_argument("--out", default=None, help="JSON file (default bench/results/distill_step_<device>.json)")
@@ -120,14 +130,14 @@ def resolve_args(args: argparse.Namespace, device: torch.device) -> argparse.Nam
     """Fill the defaults left unset: ``--quick``'s first, then the device's."""
     gpu = device.type == "cuda"
     if args.quick:  # its own defaults; flags given explicitly still win
-        quick = dict(warmup=1, iters=2, image_size=32, batch_size=8, teacher="resnet18")
+        quick = dict(warmup=1, iters=2, image_size=32, batch_size=8, teacher=["resnet18"])
         for key, value in quick.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
         args.students = (args.students or [DEFAULT_STUDENTS[0]])[:1]
     defaults = dict(
         students=list(DEFAULT_STUDENTS),
-        teacher="resnet50",
+        teacher=["resnet50"],
         image_size=224 if gpu else 64,
         batch_size=256 if gpu else 16,
         precision="bf16" if gpu else "fp32",
@@ -183,16 +193,17 @@ class Setup:
     device: torch.device
     dtype: Optional[torch.dtype]
     official: Optional[OfficialStyle] = None
+    cached: Optional[Dict[str, torch.Tensor]] = None
     nonfinite_steps: int = 0
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
 
 
-def make_setup(name: str, student_arch: str, args: argparse.Namespace, device: torch.device) -> Setup:
+def make_setup(name: str, student_arch: str, teacher_arch: Optional[str], args: argparse.Namespace, device: torch.device) -> Setup:
     torch.manual_seed(args.seed)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    method = build_method(name, student_arch, args.teacher, args.queue_size).to(device)
+    method = build_method(name, student_arch, teacher_arch, args.queue_size).to(device)
     if args.channels_last:
         method = method.to(memory_format=torch.channels_last)
     method.train()
@@ -203,7 +214,14 @@ def make_setup(name: str, student_arch: str, args: argparse.Namespace, device: t
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     views = [torch.randn(shape, device=device).contiguous(memory_format=memory_format) for _ in range(method.num_views)]
     official = None if args.no_official else OfficialStyle(method, BASE_LR * args.batch_size / 256)
-    return Setup(method, optimizer, scheduler, scaler, views, device, dtype, official)
+    cached = None if args.no_cached or method.teacher is None else cache_shard(method, views)
+    return Setup(method, optimizer, scheduler, scaler, views, device, dtype, official, cached)
+
+
+def cache_shard(method: DistillMethod, views: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A one-step float16 shard of the teacher's embeddings of ``views``, in host memory as a loaded shard is."""
+    embedded = embed_views(method.teacher, *views)
+    return {key: value.unsqueeze(0) for key, value in encode(torch.stack(embedded, dim=1).cpu(), "float16").items()}
 
 
 # --------------------------------------------------------------------------- what is timed
@@ -271,6 +289,15 @@ def full_step(s: Setup) -> None:
     """One training step through the engine's own functions (a non-finite loss is counted, not raised)."""
     loss = forward_losses(s.method, s.views, s.device.type, s.dtype)["loss"]
     if not torch.isfinite(loss.detach()):  # a device-to-host sync, as in the engine
+        s.nonfinite_steps += 1
+    optimize(loss, s.optimizer, s.scaler, s.scheduler, s.method.trainable_parameters(), grad_clip=None)
+
+
+def cached_step(s: Setup) -> None:
+    """The full step with the teacher's embeddings read from the cache's shard (the engine's lookup) instead of computed."""
+    teacher = lookup(s.cached, 0, slice(None), s.method.num_views, s.device)
+    loss = forward_losses(s.method, s.views, s.device.type, s.dtype, teacher)["loss"]
+    if not torch.isfinite(loss.detach()):
         s.nonfinite_steps += 1
     optimize(loss, s.optimizer, s.scaler, s.scheduler, s.method.trainable_parameters(), grad_clip=None)
 
@@ -401,6 +428,8 @@ def measure(s: Setup, warmup: int, iters: int, memory: PeakMemory) -> Dict[str, 
     times: Dict[str, List[float]] = {"step": [], **{name: [] for name in parts}}
     if s.official is not None:
         times["official_step"] = []
+    if s.cached is not None:
+        times["cached_step"] = []
     for round_index in range(warmup + iters):
         memory.before_step()
         step_seconds = timed(full_step, s)
@@ -408,6 +437,8 @@ def measure(s: Setup, warmup: int, iters: int, memory: PeakMemory) -> Dict[str, 
         part_seconds = {name: timed(fn, s) for name, fn in parts.items()}
         if s.official is not None:
             part_seconds["official_step"] = timed(s.official.step, s)
+        if s.cached is not None:
+            part_seconds["cached_step"] = timed(cached_step, s)
         if round_index >= warmup:
             times["step"].append(step_seconds)
             for name, seconds in part_seconds.items():
@@ -422,20 +453,21 @@ def millions(params) -> float:
     return sum(p.numel() for p in params) / 1e6
 
 
-def bench_one(name: str, student_arch: str, args: argparse.Namespace, device: torch.device) -> Dict:
-    """Every number of one method x student configuration."""
+def bench_one(name: str, student_arch: str, teacher_arch: Optional[str], args: argparse.Namespace, device: torch.device) -> Dict:
+    """Every number of one method x student x teacher configuration."""
     memory = PeakMemory(device)
-    s = make_setup(name, student_arch, args, device)
+    s = make_setup(name, student_arch, teacher_arch, args, device)
     times = measure(s, args.warmup, args.iters, memory)
     medians_ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
     step_ms = medians_ms.pop("step")
     official_ms = medians_ms.pop("official_step", None)
+    cached_ms = medians_ms.pop("cached_step", None)
     parts_ms = sum(medians_ms.values())
     overhead = (step_ms / parts_ms - 1.0) * 100.0
     row = {
         "method": name,
         "student": student_arch,
-        "teacher": args.teacher if s.method.teacher is not None else None,
+        "teacher": teacher_arch if s.method.teacher is not None else None,
         "img_per_s": args.batch_size / (step_ms / 1e3),
         "step_ms": step_ms,
         "parts_ms": medians_ms,
@@ -443,6 +475,9 @@ def bench_one(name: str, student_arch: str, args: argparse.Namespace, device: to
         "overhead_pct": overhead,
         "official_step_ms": official_ms,
         "speedup_vs_official": None if official_ms is None else official_ms / step_ms,
+        "cached_step_ms": cached_ms,
+        "cached_img_per_s": None if cached_ms is None else args.batch_size / (cached_ms / 1e3),
+        "cached_speedup": None if cached_ms is None else step_ms / cached_ms,
         "overhead_target_pct": OVERHEAD_TARGET_PCT,
         "meets_target": overhead <= OVERHEAD_TARGET_PCT,
         "peak_memory_mib": memory.peak_mib,
@@ -556,19 +591,20 @@ def _ms(value: Optional[float]) -> str:
 def format_table(rows: List[Dict], device: torch.device) -> str:
     memory_header = "peak CUDA alloc MiB" if device.type == "cuda" else "peak RSS rise MiB"
     header = [
-        "method", "student", "img/s", "step ms", "teacher ms", "student f+b ms", "mean fwd ms",
+        "method", "student", "teacher", "img/s", "step ms", "teacher ms", "student f+b ms", "mean fwd ms",
         "sum parts ms", "overhead %", f"target <= {OVERHEAD_TARGET_PCT:g}%", "official-style ms", "ours / official",
-        memory_header, "trainable M", "total M",
+        "cached img/s", "cached / uncached", memory_header, "trainable M", "total M",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         parts = r["parts_ms"]
         cells = [
-            r["method"], r["student"], f"{r['img_per_s']:.1f}", _ms(r["step_ms"]), _ms(parts.get("teacher")),
+            r["method"], r["student"], r["teacher"] or "-", f"{r['img_per_s']:.1f}", _ms(r["step_ms"]), _ms(parts.get("teacher")),
             _ms(parts.get("student")), _ms(parts.get("mean_student")), _ms(r["sum_parts_ms"]),
             f"{r['overhead_pct']:+.1f}", "pass" if r["meets_target"] else "fail", _ms(r["official_step_ms"]),
-            "-" if r["speedup_vs_official"] is None else f"{r['speedup_vs_official']:.2f}x", f"{r['peak_memory_mib']:.0f}",
-            f"{r['trainable_params_m']:.2f}", f"{r['total_params_m']:.2f}",
+            "-" if r["speedup_vs_official"] is None else f"{r['speedup_vs_official']:.2f}x",
+            _ms(r["cached_img_per_s"]), "-" if r["cached_speedup"] is None else f"{r['cached_speedup']:.2f}x",
+            f"{r['peak_memory_mib']:.0f}", f"{r['trainable_params_m']:.2f}", f"{r['total_params_m']:.2f}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -578,7 +614,7 @@ def describe(env: Dict) -> str:
     return (
         f"{env['device_name']} ({env['device']}, {env['cpu_count']} CPUs, {env['torch_threads']} threads), "
         f"torch {env['torch']}, {env['precision']}, batch {env['batch_size']}, {env['image_size']} px, "
-        f"teacher {env['teacher']}, queue {env['queue_size']}, channels_last {env['channels_last']}, "
+        f"teacher {' '.join(env['teacher'])}, queue {env['queue_size']}, channels_last {env['channels_last']}, "
         f"warmup {env['warmup']}, iters {env['iters']} (medians)"
     )
 
@@ -602,11 +638,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rows = []
     for student_arch in args.students:
         for name in args.methods:
-            print(f"  {name} / {student_arch} ...", flush=True)
-            rows.append(bench_one(name, student_arch, args, device))
+            for teacher_arch in args.teacher if METHODS[name].needs_teacher else [None]:
+                print(f"  {name} / {student_arch} / {teacher_arch or 'no teacher'} ...", flush=True)
+                rows.append(bench_one(name, student_arch, teacher_arch, args, device))
     print()
     print(format_table(rows, device))
-    nonfinite = [f"{r['method']}/{r['student']}" for r in rows if r["nonfinite_steps"]]
+    nonfinite = [f"{r['method']}/{r['student']}/{r['teacher']}" for r in rows if r["nonfinite_steps"]]
     if nonfinite:
         print(f"\nnote: non-finite losses (random weights and inputs) in {', '.join(nonfinite)}; timings are unaffected")
     data_rows = None

@@ -43,6 +43,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULES",
     "TEACHER_ARCHS",
+    "TEACHER_CACHE_MANIFEST",
     "TEACHER_FAMILIES",
     "TEACHER_METHODS",
     "AdapterConfig",
@@ -85,6 +86,8 @@ TEACHER_ARCHS = (
 # Kept equal to the modules of retro_transfer.teacher_families (tests check it).
 TEACHER_FAMILIES = ("moco_v2", "moco_v3", "swav", "dino", "simclr", "byol")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# The file that makes a folder a teacher cache (distill.teacher_cache); checked here without importing torch.
+TEACHER_CACHE_MANIFEST = "manifest.json"
 # train.lr is the rate for this global batch; the engine uses lr * batch_size / 256.
 BASE_BATCH_SIZE = 256
 # A queue over this many times the data set's images x views is refused unless loss.force_queue_size.
@@ -172,6 +175,11 @@ class TeacherConfig(_Section):
         False,
         "run the teacher's BN on batch statistics; reproduces a bug of the released DisCo/Retro code "
         "(which call model.train() on the wrapper); the faithful method uses running statistics",
+    )
+    cache: Optional[str] = _opt(
+        None,
+        "folder of the teacher's embeddings of every view of this run, written once by tools/cache_teacher.py "
+        "(seed, disco, retro; README 'Teacher-embedding cache'); the teacher's backbone then does not run; null: run it",
     )
 
 
@@ -322,6 +330,7 @@ class Config(_Section):
         _check_required(self, "")
         _check_queue(self)
         _check_teacher_given(self)
+        _check_teacher_cache(self)
         _check_bn_splits(self)
         _check_monitor(self)
         _check_overwrite(self)
@@ -523,6 +532,27 @@ def _check_teacher_given(cfg: Config) -> None:
         raise ConfigError(
             f"teacher.checkpoint is required for method {cfg.method!r}: set it to a self-supervised teacher file "
             "(e.g. the official moco_v2_800ep_pretrain.pth.tar) with teacher.checkpoint=PATH; only moco_v2 needs no teacher"
+        )
+
+
+def _check_teacher_cache(cfg: Config) -> None:
+    """A cache holds embeddings of single views made with running BN statistics, for the methods that have a teacher."""
+    cache = cfg.teacher.cache
+    if cache is None:
+        return
+    if not cache.strip():
+        raise ConfigError("teacher.cache is empty: give the folder tools/cache_teacher.py wrote, or null to run the teacher")
+    if not cfg.uses_teacher:
+        raise ConfigError(
+            f"teacher.cache={cache} holds teacher embeddings, and method {cfg.method} has no teacher; "
+            "set teacher.cache=null (or use seed, disco or retro)"
+        )
+    if cfg.teacher.bn_train_mode:
+        raise ConfigError(
+            f"teacher.cache={cache} cannot stand in for teacher.bn_train_mode=true: a teacher normalising with the "
+            "statistics of each batch gives an image an embedding that depends on the rest of its batch (and on how "
+            "the batch is split over processes), so it cannot be computed once; set teacher.cache=null or "
+            "teacher.bn_train_mode=false"
         )
 
 
@@ -832,6 +862,8 @@ def validate_paths(cfg: Config) -> None:
     _check_train_dir(cfg.data.train_dir)
     if cfg.uses_teacher:
         _check_file("teacher.checkpoint", cfg.teacher.checkpoint, f"method {cfg.method} needs the frozen teacher's checkpoint")
+    if cfg.teacher.cache:
+        _check_teacher_cache_folder(cfg.teacher.cache)
     if cfg.resume not in (None, "auto"):
         _check_file("resume", cfg.resume, "use resume=auto to continue output_dir's run if there is one, or resume=null")
     if cfg.eval.knn_data:
@@ -849,6 +881,15 @@ def _check_file(key: str, value: str, advice: str) -> None:
         raise ConfigError(f"{key} '{value}' does not exist; {advice}")
     if not path.is_file():
         raise ConfigError(f"{key} '{value}' is not a file; {advice}")
+
+
+def _check_teacher_cache_folder(value: str) -> None:
+    advice = "build it with `python tools/cache_teacher.py --config CONFIG [key=value ...] --out FOLDER`, or set teacher.cache=null"
+    path = Path(value)
+    if not path.is_dir():
+        raise ConfigError(f"teacher.cache '{value}' is not a folder; {advice}")
+    if not (path / TEACHER_CACHE_MANIFEST).is_file():
+        raise ConfigError(f"teacher.cache '{value}' has no {TEACHER_CACHE_MANIFEST}, so it is not a teacher cache; {advice}")
 
 
 def _check_train_dir(value: str) -> None:

@@ -172,11 +172,22 @@ class StepBatchSampler(Sampler):
     gathering the parts in rank order rebuilds the one-process batch.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, rank: int, world_size: int, seed: int, start_step: int, max_steps: int):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int,
+        max_steps: int,
+        steps: Optional[Sequence[int]] = None,
+    ):
+        """``steps``: only these steps, in increasing order (the teacher cache's missing shards); default all from ``start_step``."""
         check_batch_fits(num_samples, global_batch, world_size)
         self.num_samples, self.global_batch = num_samples, global_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_step, self.max_steps = start_step, max_steps
+        self.steps: Sequence[int] = range(start_step, max_steps) if steps is None else list(steps)
         self.steps_per_epoch = num_samples // global_batch
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -185,7 +196,7 @@ class StepBatchSampler(Sampler):
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         local = self.global_batch // self.world_size
         perm, perm_epoch = None, None
-        for step in range(self.start_step, self.max_steps):
+        for step in self.steps:
             epoch, within = divmod(step, self.steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = self._permutation(epoch), epoch
@@ -194,7 +205,7 @@ class StepBatchSampler(Sampler):
             yield [(int(i), epoch) for i in mine]
 
     def __len__(self) -> int:
-        return max(0, self.max_steps - self.start_step)
+        return len(self.steps)
 
 
 def step_loader(dataset: MultiViewImages, sampler: StepBatchSampler, num_workers: int, seed: int, pin_memory: bool = False) -> DataLoader:

@@ -40,6 +40,7 @@ from .data import (
 )
 from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor
+from .teacher_cache import TeacherCache
 
 CHECKPOINT_FORMAT = "retro-transfer/distill"
 CHECKPOINT_VERSION = 1
@@ -152,11 +153,22 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def forward_losses(model: nn.Module, views, device_type: str, autocast_dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
-    """The method's forward on a step's views, under autocast when a dtype is given."""
-    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    with autocast:
-        return model(*views) if len(views) > 1 else model(views[0], None)
+def autocast(device_type: str, autocast_dtype: Optional[torch.dtype]):
+    """Autocast to ``autocast_dtype``, or nothing for full precision."""
+    return torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+
+
+def forward_losses(
+    model: nn.Module, views, device_type: str, autocast_dtype: Optional[torch.dtype], teacher: Optional[Tuple[torch.Tensor, ...]] = None
+) -> Dict[str, torch.Tensor]:
+    """The method's forward on a step's views, under autocast when a dtype is given.
+
+    ``teacher``: the teacher's embeddings of the views, read from a teacher
+    cache; the method then does not run its teacher.
+    """
+    cached = {} if teacher is None else {"teacher": teacher}
+    with autocast(device_type, autocast_dtype):
+        return model(*views, **cached) if len(views) > 1 else model(views[0], None, **cached)
 
 
 def optimize(loss: torch.Tensor, optimizer, scaler, scheduler, params, grad_clip: Optional[float]) -> None:
@@ -291,6 +303,20 @@ def _unreadable_images_in_all_processes(files: List[Path]) -> List[Tuple[Path, s
     return sorted(found for share in shares for found in share)
 
 
+def training_dataset(cfg: Config, files: List[Path], views: int) -> MultiViewImages:
+    """The run's augmented views of ``files``: decoded once in memory when the set is small enough, else read per sample."""
+    decoded = decode_all(files, cfg.data.in_memory_mb)
+    if dist_utils.is_main_process():
+        where = (
+            f"decoded once, {sum(t.numel() for t in decoded) / 2**20:.0f} MiB in memory"
+            if decoded is not None
+            else f"read from disk per sample (more than data.in_memory_mb={cfg.data.in_memory_mb} MiB decoded)"
+        )
+        print(f"data: {len(files)} images in {cfg.data.train_dir}, {where}", flush=True)
+    augmentation = moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale)
+    return MultiViewImages(files, augmentation, views, cfg.seed, decoded)
+
+
 def prepare_output_dir(out: Path, overwrite: bool, step: int) -> None:
     """Before a run writes into ``out``: no file of a replaced run, no debris of a killed one, no record of a step to redo."""
     if overwrite:
@@ -349,6 +375,13 @@ class Trainer:
         self.autocast_dtype = resolve_precision(cfg.train.precision, self.device)
         if cfg.train.sync_bn and self.distributed and self.device.type != "cuda":
             raise ConfigError("train.sync_bn=true across processes needs GPUs (SyncBatchNorm runs on CUDA only); set it false")
+        # The teacher stays loaded (Retro's student path goes through its head, and checkpoints keep
+        # one layout), but with a cache its backbone never runs.
+        self.teacher_cache: Optional[TeacherCache] = None
+        if cfg.teacher.cache:
+            self.teacher_cache = TeacherCache.open(cfg, self.files, self.autocast_dtype, METHODS[cfg.method].num_views)
+            if dist_utils.is_main_process():
+                print(self.teacher_cache.describe(), flush=True)
 
         # The same seed on every process: identical initial weights and queues.
         torch.manual_seed(cfg.seed)
@@ -467,17 +500,7 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         cfg = self.cfg
-        files = self.files
-        decoded = decode_all(files, cfg.data.in_memory_mb)
-        if dist_utils.is_main_process():
-            where = (
-                f"decoded once, {sum(t.numel() for t in decoded) / 2**20:.0f} MiB in memory"
-                if decoded is not None
-                else f"read from disk per sample (more than data.in_memory_mb={cfg.data.in_memory_mb} MiB decoded)"
-            )
-            print(f"data: {len(files)} images in {cfg.data.train_dir}, {where}", flush=True)
-        augmentation = moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale)
-        dataset = MultiViewImages(files, augmentation, self.method.num_views, cfg.seed, decoded)
+        dataset = training_dataset(cfg, self.files, self.method.num_views)
         sampler = StepBatchSampler(
             len(dataset), cfg.train.batch_size, self.rank, self.world, cfg.seed, self.step, cfg.train.max_steps
         )
@@ -487,8 +510,9 @@ class Trainer:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         return view.to(self.device, non_blocking=True, memory_format=memory_format)
 
-    def train_step(self, views) -> Dict[str, float]:
-        out = forward_losses(self.model, views, self.device.type, self.autocast_dtype)
+    def train_step(self, views, teacher: Optional[Tuple[torch.Tensor, ...]] = None) -> Dict[str, float]:
+        """One optimiser step on ``views``; ``teacher``: the teacher's embeddings of them from the cache, if any."""
+        out = forward_losses(self.model, views, self.device.type, self.autocast_dtype, teacher)
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
             where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
@@ -522,7 +546,8 @@ class Trainer:
         tick = time.perf_counter()
         try:
             for views in bar:
-                terms = self.train_step([self._to_device(v) for v in views])
+                teacher = self.teacher_cache.embeddings(self.step, self.rank, self.world, self.device) if self.teacher_cache else None
+                terms = self.train_step([self._to_device(v) for v in views], teacher)
                 self.step += 1
                 now = time.perf_counter()
                 terms["img_per_s"] = cfg.train.batch_size / max(now - tick, 1e-9)

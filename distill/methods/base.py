@@ -23,6 +23,14 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
+def embed_views(teacher: Teacher, *views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """n(H_T(T(x))) of each view, run as one batch without autograd: what a step, and the teacher cache, compute."""
+    with torch.inference_mode():
+        t = unit(teacher(torch.cat(views)))
+    # A clone outside inference mode is an ordinary tensor the loss can use.
+    return t.clone().chunk(len(views))
+
+
 class DistillMethod(nn.Module):
     """A student, what it learns from, and the loss.
 
@@ -70,12 +78,9 @@ class DistillMethod(nn.Module):
         """Features the online k-NN monitor scores: the student's pooled backbone features."""
         return {"backbone": pooled(self.student(x))}
 
-    def teacher_embeddings(self, *views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """t_i = n(H_T(T(x_i))) for each view, in one batch, without autograd."""
-        with torch.inference_mode():
-            t = unit(self.teacher(torch.cat(views)))
-        # A clone outside inference mode is an ordinary tensor the loss can use.
-        return t.clone().chunk(len(views))
+    def teacher_embeddings(self, *views: torch.Tensor, cached: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
+        """t_i = n(H_T(T(x_i))) for each view: ``cached`` when the engine read them from a teacher cache, else computed."""
+        return embed_views(self.teacher, *views) if cached is None else tuple(cached)
 
     @torch.no_grad()
     def keys(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

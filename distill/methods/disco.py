@@ -50,8 +50,9 @@ class DisCo(DistillMethod):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return unit(self.head(pooled(self.student(x))))
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        t1, t2 = self.teacher_embeddings(x1, x2)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, teacher=None) -> Dict[str, torch.Tensor]:
+        """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
+        t1, t2 = self.teacher_embeddings(x1, x2, cached=teacher)
         q, q2 = self.embed(x1), self.embed(x2)
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)

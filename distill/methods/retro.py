@@ -64,8 +64,9 @@ class Retro(DistillMethod):
         fmap = self.student(x)
         return {"backbone": pooled(fmap), "adapter": pooled(self.adapter(fmap))}
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
-        t1, t2 = self.teacher_embeddings(x1, x2)
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, teacher=None) -> Dict[str, torch.Tensor]:
+        """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
+        t1, t2 = self.teacher_embeddings(x1, x2, cached=teacher)
         q, q2 = self.embed(self.student(x1)), self.embed(self.student(x2))
         with torch.no_grad():
             ema_update(self.student_ema, self.student, self.momentum)

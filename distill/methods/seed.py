@@ -40,8 +40,9 @@ class SEED(DistillMethod):
         self.queue = EmbeddingQueue(queue_size, dim)
         self.temperature, self.teacher_temperature = temperature, teacher_temperature
 
-    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        (t,) = self.teacher_embeddings(x1)
+    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, teacher=None) -> Dict[str, torch.Tensor]:
+        """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
+        (t,) = self.teacher_embeddings(x1, cached=teacher)
         s = unit(self.head(pooled(self.student(x1))))
         loss = seed_loss(s, t, self.queue.negatives(), self.temperature, self.teacher_temperature)
         self.queue.enqueue(t)

@@ -112,7 +112,35 @@ def _distill_config(method: str) -> str:
 
 def _distill_overrides(ctx: Context, folder: Path, method: str) -> List[str]:
     extra = [f"teacher.checkpoint={teacher_file(ctx)}", f"teacher.arch={ctx.preset['teacher_arch']}"]
+    if method in CACHED_METHODS:
+        extra.append(f"teacher.cache={ctx.folder(TEACHER_CACHE)}")
     return _overrides(ctx, folder, ctx.preset["distill_steps"]) + (extra if method != "moco_v2" else [])
+
+
+# -- the teacher-embedding cache: the teacher runs once for the three methods that distil from it ------
+
+TEACHER_CACHE = "teacher_cache"
+CACHED_METHODS = ("seed", "disco", "retro")
+# Retro's config has two views an image, which serve SEED (it reads the first) as well.
+CACHE_CONFIG_METHOD = "retro"
+
+
+def _cache_overrides(ctx: Context) -> List[str]:
+    """The distillation stages' own settings (so the cache matches them), without a run folder or the cache itself."""
+    kept = _overrides(ctx, ctx.folder(TEACHER_CACHE), ctx.preset["distill_steps"])
+    return [o for o in kept if not o.startswith("output_dir=")] + [
+        f"teacher.checkpoint={teacher_file(ctx)}", f"teacher.arch={ctx.preset['teacher_arch']}"
+    ]
+
+
+def _teacher_cache(ctx: Context, folder: Path) -> Dict:
+    from distill.cache_builder import build_cache
+
+    return build_cache(load_config(_distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx)), folder)
+
+
+def _teacher_cache_command(ctx: Context, folder: Path) -> str:
+    return f"{_cli('cache_teacher.py', _distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx))} --out {folder}"
 
 
 def _distill(method: str):
@@ -230,8 +258,10 @@ def upstream_stages(preset: Dict) -> List[Stage]:
         Stage("teacher", _teacher, lambda ctx, f: _cli("pretrain_teacher.py", TEACHER_CONFIG, _teacher_overrides(ctx, f)),
               deps=("data",), title=f"MoCo v2 pretraining of a {p['teacher_arch']} teacher"),
     ]
+    stages.append(Stage(TEACHER_CACHE, _teacher_cache, _teacher_cache_command, deps=("data", "teacher"),
+                        title="the teacher's embeddings of every view, once for seed, disco and retro"))
     for method in METHODS:
-        deps = ("data",) if method == "moco_v2" else ("data", "teacher")
+        deps = ("data",) if method == "moco_v2" else ("data", "teacher", TEACHER_CACHE)
         stages.append(
             Stage(f"distill_{method}", _distill(method),
                   lambda ctx, f, m=method: _cli("distill.py", _distill_config(m), _distill_overrides(ctx, f, m)),
