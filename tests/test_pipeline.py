@@ -50,14 +50,14 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
     for name in ["data", "teacher", "distill_moco_v2", "distill_seed", "distill_disco", "distill_retro",
-                 "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro",
+                 "eval_random", "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro",
                  "semisup_moco_v2", "semisup_seed", "semisup_disco", "semisup_retro"]:
         assert name in stages, f"stage {name} missing from summary.json"
     for name, stage in stages.items():
         numbers = list(_numbers(stage["metrics"]))
         assert numbers, f"stage {name} recorded no metrics"
         assert all(math.isfinite(v) for v in numbers), f"stage {name} has a non-finite metric: {stage['metrics']}"
-        assert stage["command"].startswith("python tools/"), stage["command"]
+        assert stage["command"].startswith(("python tools/", "python bench/")), stage["command"]
     assert set(stages["eval_retro"]["metrics"]) == {"backbone", "adapter"}
     report = (out / "report.md").read_text()
     assert "## Distillation" in report and "## Frozen-feature evaluation" in report and "10%-label" in report
@@ -73,6 +73,9 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     for claim in ("**Teacher**", "**Students**", "**Detection**", "**Segmentation**"):
         assert claim in verdict
     assert "significant" in verdict
+    # The teacher is measured against its own network randomly initialised, not only against chance.
+    assert "randomly initialised" in verdict
+    assert "| random init (resnet18" in report and "| random init (efficientnet_b0" in report
     num_val = json.loads((out / "summary.json").read_text())["stages"]["eval_teacher"]["metrics"]["backbone"]["num_val"]
     for stage in ("eval_teacher", "eval_retro", "det_retro", "det_random", "seg_retro", "seg_random"):
         assert (out / stage / "per_image.json").exists(), stage

@@ -9,12 +9,13 @@ from typing import Dict, List, Mapping, Sequence
 
 from . import stats
 from .runner import read_json
-from .upstream import METHODS, PER_IMAGE, read_log
+from .upstream import METHODS, PER_IMAGE, STUDENT_ARCH, read_log
 
 LOSS_FIGURE = "loss_curves.png"
 ACCURACY_FIGURE = "accuracy.png"
 KNN_FIGURE = "knn_curves.png"
 BASELINE = "moco_v2"  # the student every distilled student is compared with
+RANDOM = "random"  # eval_random: randomly initialised networks, keyed by architecture
 
 
 def _fmt(value) -> str:
@@ -65,7 +66,7 @@ def knn_figure(out: Path, records: Mapping[str, Dict]) -> Path:
 def frozen_feature_evidence(out: Path, records: Mapping[str, Dict]) -> Dict[str, Dict]:
     """Per evaluated model: linear and k-NN top-1 with intervals, and the linear gap to the baseline student."""
     per_image = {}
-    for model in ["teacher"] + list(METHODS):
+    for model in [RANDOM, "teacher"] + list(METHODS):
         if f"eval_{model}" in records and (out / f"eval_{model}" / PER_IMAGE).exists():
             for which, flags in read_json(out / f"eval_{model}" / PER_IMAGE).items():
                 per_image[(model, which)] = flags
@@ -77,9 +78,13 @@ def frozen_feature_evidence(out: Path, records: Mapping[str, Dict]) -> Dict[str,
     for (model, which), flags in per_image.items():
         linear = stats.accuracy(flags["linear"])
         entry = {"linear": stats.bootstrap(linear, n), "knn": stats.bootstrap(stats.accuracy(flags["knn"]), n), "vs_baseline": None}
-        if baseline is not None and model != BASELINE:
+        if baseline is not None and model not in (BASELINE, RANDOM):
             entry["vs_baseline"] = stats.paired_difference(linear, stats.accuracy(baseline["linear"]), n)
         evidence[(model, which)] = entry
+    teacher, arch = per_image.get(("teacher", "backbone")), records.get("teacher", {}).get("metrics", {}).get("arch")
+    if teacher is not None and (RANDOM, arch) in per_image:
+        evidence[("teacher", "backbone")]["vs_random"] = stats.paired_difference(
+            stats.accuracy(teacher["linear"]), stats.accuracy(per_image[(RANDOM, arch)]["linear"]), n)
     return evidence
 
 
@@ -92,16 +97,19 @@ def difference_text(estimate) -> str:
 
 def evaluation_rows(records: Mapping[str, Dict], evidence: Mapping = None) -> List[List]:
     rows = []
-    for model in ["teacher"] + list(METHODS):
+    for model in [RANDOM, "teacher"] + list(METHODS):
         record = records.get(f"eval_{model}")
         if record is None:
             continue
         for which, m in record["metrics"].items():
-            label = f"{model} ({'adapter' if which == 'adapter' else 'backbone'}, {m['dim']}-d)"
+            if model == RANDOM:
+                label = f"random init ({which}, {m['dim']}-d)"
+            else:
+                label = f"{model} ({'adapter' if which == 'adapter' else 'backbone'}, {m['dim']}-d)"
             e = (evidence or {}).get((model, which))
             linear = str(e["linear"]) if e else m["linear_top1"]
             knn = str(e["knn"]) if e else m["knn_top1"]
-            semisup = records.get(f"semisup_{model}") if which == "backbone" else None
+            semisup = records.get(f"semisup_{model}") if which == "backbone" and model != RANDOM else None
             rows.append([label, linear, m["linear_top5"], knn, semisup["metrics"]["top1"] if semisup else "-",
                          difference_text(e["vs_baseline"]) if e else "-"])
     return rows
@@ -208,8 +216,13 @@ def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mappi
     if teacher:
         arch = records["teacher"]["metrics"]["arch"]
         classes = records["data"]["metrics"]["classes"]
-        lines.append(f"- **Teacher** ({arch}, MoCo v2, no labels): linear-probe top-1 {teacher['linear']} "
-                     f"(chance {100 / classes:.1f}).")
+        line = (f"- **Teacher** ({arch}, MoCo v2, no labels): linear-probe top-1 {teacher['linear']} "
+                f"(chance {100 / classes:.1f})")
+        d = teacher.get("vs_random")
+        if d is not None:
+            line += (f"; against the same network randomly initialised {d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}] "
+                     f"({_said(d)})")
+        lines.append(line + ".")
     baseline = frozen.get((BASELINE, "backbone"))
     if baseline:
         parts = []
@@ -218,7 +231,9 @@ def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mappi
             if method != BASELINE and e and e["vs_baseline"] is not None:
                 d = e["vs_baseline"]
                 parts.append(f"{method} {e['linear']}, {d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}] ({_said(d)})")
-        lines.append(f"- **Students** against the MoCo-v2-alone student ({baseline['linear']}): " + "; ".join(parts) + ".")
+        student_random = frozen.get((RANDOM, STUDENT_ARCH))
+        floor = f" A randomly initialised {STUDENT_ARCH} scores {student_random['linear']}." if student_random else ""
+        lines.append(f"- **Students** against the MoCo-v2-alone student ({baseline['linear']}): " + "; ".join(parts) + "." + floor)
     retro = frozen.get(("retro", "backbone"))
     if teacher and retro:
         gap = retro["linear"].value - teacher["linear"].value

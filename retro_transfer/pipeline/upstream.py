@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
+import torch
+
 from distill.config import load_config
 from distill.engine import Trainer
 from distill.teacher_export import to_moco_v2_release
@@ -95,7 +97,20 @@ TEACHER_CONFIG = "configs/teacher/shapes_moco_v2_r50.yaml"
 
 
 def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
-    return _overrides(ctx, folder, ctx.preset["teacher_steps"]) + [f"student.arch={ctx.preset['teacher_arch']}"]
+    """The teacher's run: the shared settings, then the contrastive settings a seven-class data set needs.
+
+    With seven classes one negative in seven is the query's own class, and at
+    MoCo v2's temperature (0.2) pushing those away erases the class; a higher
+    temperature and a short queue weaken that pressure, and a lower learning
+    rate keeps the loss from climbing back to chance (probes in BENCHMARKS.md).
+    """
+    p = ctx.preset
+    return _overrides(ctx, folder, p["teacher_steps"]) + [
+        f"student.arch={p['teacher_arch']}",
+        f"train.lr={p['teacher_lr']}",
+        f"loss.temperature={p['teacher_temperature']}",
+        f"loss.queue_size={p['teacher_queue']}",
+    ]
 
 
 def _teacher(ctx: Context, folder: Path) -> Dict:
@@ -104,6 +119,9 @@ def _teacher(ctx: Context, folder: Path) -> Dict:
     save_atomic(to_moco_v2_release(safe_load(final)), folder / TEACHER_FILE)
     final.unlink()  # the exported file is the teacher; the engine checkpoint would double the disk use
     return {"arch": ctx.preset["teacher_arch"], "steps": cfg.train.max_steps, **_last_terms(folder)}
+
+
+STUDENT_ARCH = "efficientnet_b0"  # the student of every configs/distill/shapes_<method>_effb0.yaml
 
 
 def _distill_config(method: str) -> str:
@@ -155,8 +173,8 @@ def _distill(method: str):
 # -- evaluation -----------------------------------------------------------------------------
 
 
-def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
-    """k-NN and linear probe (on features computed once: the quick variant) on the classification split."""
+def evaluate_frozen(encoder, root: Path, image_size: int, k: int, epochs: int, lr: float, seed: int) -> Dict:
+    """k-NN and linear probe (on features computed once: the quick variant) of a frozen encoder on an ImageFolder split."""
     from distill.evaluation import (
         eval_transform,
         extract_features,
@@ -167,26 +185,45 @@ def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
         train_linear_probe,
     )
 
-    p = ctx.preset
-    root = data_dir(ctx) / "classification"
-    encoder, info = load_encoder(checkpoint, which)
-    transform = eval_transform(p["crop"])
+    transform = eval_transform(image_size)
     train = image_folder(root, "train", transform)
     val = image_folder(root, "val", transform)
-    train_loader = make_loader(train, 64, shuffle=False)
     val_loader = make_loader(val, 64, shuffle=False)
-    train_feats, train_labels = extract_features(encoder, train_loader)
+    train_feats, train_labels = extract_features(encoder, make_loader(train, 64, shuffle=False))
     val_feats, val_labels = extract_features(encoder, val_loader)
-    k = min(p["knn_k"], len(train))
+    k = min(k, len(train))
     knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k)
     knn = topk_accuracy(knn_scores, val_labels)
     probe = train_linear_probe(
-        encoder, make_loader(train, 64, shuffle=True, seed=p["seed"]), val_loader, len(train.classes),
-        epochs=p["probe_epochs"], lr=p["probe_lr"], precompute_features=True, seed=p["seed"],
+        encoder, make_loader(train, 64, shuffle=True, seed=seed), val_loader, len(train.classes),
+        epochs=epochs, lr=lr, precompute_features=True, seed=seed,
     )
     per_image = {"linear": probe["val_correct"], "knn": (knn_scores.argmax(dim=1) == val_labels).int().tolist()}
-    return {"features": which, "dim": info["dim"], "knn_top1": knn["top1"], "knn_k": k,
-            "linear_top1": probe["top1"], "linear_top5": probe["top5"], "num_val": len(val), "per_image": per_image}
+    return {"knn_top1": knn["top1"], "knn_k": k, "linear_top1": probe["top1"], "linear_top5": probe["top5"],
+            "num_val": len(val), "per_image": per_image}
+
+
+def _evaluate_encoder(ctx: Context, encoder, dim: int, which: str) -> Dict:
+    p = ctx.preset
+    result = evaluate_frozen(encoder, data_dir(ctx) / "classification", p["crop"], p["knn_k"], p["probe_epochs"], p["probe_lr"], p["seed"])
+    return {"features": which, "dim": dim, **result}
+
+
+def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
+    encoder, info = load_encoder(checkpoint, which)
+    return _evaluate_encoder(ctx, encoder, info["dim"], which)
+
+
+def random_encoder(arch: str, seed: int):
+    """A randomly initialised timm backbone (pooled features, eval mode): the floor a pretrained one must beat."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(arch, num_classes=0).eval().requires_grad_(False)
+
+
+def _random_archs(ctx: Context) -> List[str]:
+    return [ctx.preset["teacher_arch"], STUDENT_ARCH]
 
 
 PER_IMAGE = "per_image.json"
@@ -200,6 +237,23 @@ def _eval_stage(model: str, checkpoint_of, which_list):
         return results
 
     return run
+
+
+def _eval_random(ctx: Context, folder: Path) -> Dict:
+    """The same evaluation of randomly initialised teacher and student networks, keyed by architecture."""
+    results = {}
+    for arch in _random_archs(ctx):
+        encoder = random_encoder(arch, ctx.preset["seed"])
+        results[arch] = _evaluate_encoder(ctx, encoder, encoder.num_features, "backbone")
+    save_json({arch: r.pop("per_image") for arch, r in results.items()}, folder / PER_IMAGE)
+    return results
+
+
+def _eval_random_command(ctx: Context, folder: Path) -> str:
+    p = ctx.preset
+    return (f"python bench/random_init_probe.py --data {data_dir(ctx) / 'classification'} --archs {' '.join(_random_archs(ctx))} "
+            f"--image-size {p['crop']} --seeds {p['seed']} --epochs {p['probe_epochs']} --lr {p['probe_lr']} --k {p['knn_k']} "
+            f"--out {folder / 'result.json'}")
 
 
 def _eval_command(checkpoint_of, which_list):
@@ -267,6 +321,8 @@ def upstream_stages(preset: Dict) -> List[Stage]:
                   lambda ctx, f, m=method: _cli("distill.py", _distill_config(m), _distill_overrides(ctx, f, m)),
                   deps=deps, title=f"distil EfficientNet-B0 with {method}")
         )
+    stages.append(Stage("eval_random", _eval_random, _eval_random_command, deps=("data",),
+                        title="linear probe and k-NN: randomly initialised teacher and student networks"))
     stages.append(Stage("eval_teacher", _eval_stage("teacher", teacher_file, ["backbone"]),
                         _eval_command(teacher_file, ["backbone"]), deps=("data", "teacher"), title="linear probe and k-NN: teacher"))
     for method in METHODS:
