@@ -10,11 +10,11 @@ centre-crop features, k-NN with k=20, and a linear probe on precomputed features
 has learned nothing the probe can use, however far below chance its loss fell.
 """
 
-import json
 import sys
 from pathlib import Path
 
 from retro_transfer.cli import OneLineErrorParser
+from retro_transfer.pipeline.runner import save_json
 from retro_transfer.pipeline.upstream import evaluate_frozen, random_encoder
 
 
@@ -43,9 +43,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['arch']} | {r['seed']} | {r['knn_top1']:.1f} | {r['linear_top1']:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"data": str(args.data), "image_size": args.image_size, "rows": rows}, indent=2) + "\n")
-    tmp.replace(args.out)
+    save_json({"data": str(args.data), "image_size": args.image_size, "rows": rows}, args.out)
     return 0
 
 
