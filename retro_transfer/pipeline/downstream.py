@@ -357,16 +357,19 @@ def downstream_stages(preset: Dict) -> List[Stage]:
     return stages
 
 
+def _per_image_of(out: Path, records: Dict[str, Dict], task: str) -> Dict[str, Dict]:
+    """The saved per-image pieces of each finished ``<task>_<init>`` stage, by initialisation."""
+    stages = {init: out / f"{task}_{init}" for init in INITS}
+    return {init: read_json(folder / PER_IMAGE) for init, folder in stages.items()
+            if folder.name in records and (folder / PER_IMAGE).exists()}
+
+
 def detection_evidence(out: Path, records: Dict[str, Dict]) -> Dict[str, Dict]:
     """Per initialisation: VOC07 AP50 with its interval, and the paired difference from random init."""
     from . import stats
 
     statistics, n = {}, None
-    for init in INITS:
-        path = out / f"det_{init}" / PER_IMAGE
-        if f"det_{init}" not in records or not path.exists():
-            continue
-        data = read_json(path)
+    for init, data in _per_image_of(out, records, "det").items():
         images = sorted(data["images"], key=lambda image: image["image_id"])  # the same order for every init
         predictions = [(np.array(i["boxes"], dtype=np.float64).reshape(-1, 4), np.array(i["scores"]), np.array(i["labels"]))
                        for i in images]
@@ -384,11 +387,7 @@ def segmentation_evidence(out: Path, records: Dict[str, Dict]) -> Dict[str, Dict
     from . import stats
 
     statistics, n = {}, None
-    for init in INITS:
-        path = out / f"seg_{init}" / PER_IMAGE
-        if f"seg_{init}" not in records or not path.exists():
-            continue
-        data = read_json(path)
+    for init, data in _per_image_of(out, records, "seg").items():
         statistics[init] = stats.miou(np.array(data["intersection"]), np.array(data["union"]))
         n = len(data["intersection"])
     return _evidence(statistics, n, {init: records[f"seg_{init}"]["metrics"]["mIoU"] for init in statistics})
