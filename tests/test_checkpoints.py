@@ -102,8 +102,10 @@ def r18_moco(r18):
 # --------------------------------------------------------------------------- teachers
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("wrapper", ["module.", ""], ids=["ddp", "single-gpu"])
 def test_official_moco_v2_layout_loads_bit_exactly(r50, tmp_path, wrapper):
+    """Exact on any CPU: the compared tensors are copies read from a file or state dict, with no arithmetic between them."""
     backbone, head = r50
     path = saved(moco_checkpoint(backbone, head, wrapper), tmp_path / "moco_v2_800ep_pretrain.pth.tar")
     teacher, report = load_teacher(path, require_head=True)
@@ -128,7 +130,9 @@ def test_head_widths_come_from_the_file(r18_moco, tmp_path):
     assert teacher(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
+@pytest.mark.exact
 def test_torchvision_classifier_loads_without_head(r18, r18_path):
+    """Exact on any CPU: the compared tensors are copies read from a file or state dict, with no arithmetic between them."""
     teacher, report = load_teacher(r18_path)
     assert (report.format, report.arch, report.has_head) == ("torchvision", "resnet18", False)
     assert teacher.head is None
@@ -152,7 +156,9 @@ def test_torchvision_state_under_state_dict_with_module_prefix(r18, tmp_path):
     assert (report.format, report.arch, report.ignored) == ("torchvision", "resnet18", {CLASSIFIER: 2})
 
 
+@pytest.mark.exact
 def test_teacher_from_a_distillation_checkpoint(r18, tmp_path):
+    """Exact on any CPU: the compared tensors are copies read from a file or state dict, with no arithmetic between them."""
     teacher = Teacher("resnet18", head_hidden=512, dim=128)
     model = {"teacher." + k: v for k, v in teacher.state_dict().items()}
     model.update({"student.body.conv1.weight": torch.randn(4, 3, 3, 3), "queue.queue": torch.randn(128, 16)})
@@ -362,7 +368,9 @@ def test_encoder_from_a_teacher_checkpoint(r18_path):
         torch.testing.assert_close(encoder(x), teacher.features(x))
 
 
+@pytest.mark.exact
 def test_extract_student_state(student, retro_ckpt):
+    """Exact on any CPU: the compared tensors are copies read from a file or state dict, with no arithmetic between them."""
     arch, state, dropped = extract_student_state(retro_ckpt)
     body = student.body.state_dict()
     assert arch == "resnet18"

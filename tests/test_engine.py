@@ -185,15 +185,18 @@ def retro_uninterrupted(shapes_root, teacher_ckpt, tmp_path_factory):
     run.run.stop()
 
 
+@pytest.mark.exact
 def test_kill_and_resume_equals_uninterrupted_run(shapes_root, teacher_ckpt, retro_uninterrupted, tmp_path):
     """SIGKILL mid-run, ``resume=auto``: the final checkpoint equals the uninterrupted run's bit for bit.
 
     Student, mean student, adapter, the frozen teacher, the queue and its
     pointer, BN statistics, SGD momentum buffers, the schedule and the RNG
-    state are all compared with ``torch.equal``: exact, no tolerance. It holds
-    because the augmentation of each sample is seeded by (seed, epoch, index),
-    the sampler restarts at the checkpoint's step, and both runs do the same
-    float operations in the same order (one thread, same machine).
+    state are all compared with ``torch.equal``: exact, no tolerance. Exact on
+    any CPU by construction: the augmentation of each sample is seeded by
+    (seed, epoch, index), the sampler restarts at the checkpoint's step, and
+    the resumed run does the same float operations on the same shapes in the
+    same order as the uninterrupted one (both with one thread, in processes
+    of the same machine), from a state restored bit for bit.
     """
     out = tmp_path / "b"
     overrides = retro_overrides(shapes_root, teacher_ckpt, out)
@@ -289,6 +292,7 @@ def is_bn_running_stat(key: str) -> bool:
     return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
+@pytest.mark.exact
 def test_two_processes_match_one_process(shapes_root, teacher_ckpt, tmp_path):
     """``torchrun --nproc_per_node 2`` (gloo) against one process, same global batch of 8, SEED.
 
@@ -313,6 +317,9 @@ def test_two_processes_match_one_process(shapes_root, teacher_ckpt, tmp_path):
       its own half of the batch and not broadcast (``broadcast_buffers=False``);
       only rank 0's are saved, as MoCo's DDP (which broadcasts rank 0's) would
       end up with.
+
+    Exact on any CPU where it is exact: each rank applies the same all-reduced gradient to the same
+    weights, the same operations on the same shapes.
     """
     overrides = [
         "student.arch=resnet18",
@@ -437,8 +444,13 @@ def test_config_errors_are_one_line_with_exit_2(shapes_root, teacher_ckpt, tmp_p
 # ----------------------------------------------------------------------------- teacher pretraining
 
 
+@pytest.mark.exact
 def test_pretrain_teacher_writes_a_loadable_moco_v2_teacher(shapes_root, tmp_path):
-    """2 MoCo v2 steps on a ResNet-18; the exported file loads as a MoCo v2 teacher whose head is the trained one."""
+    """2 MoCo v2 steps on a ResNet-18; the exported file loads as a MoCo v2 teacher whose head is the trained one.
+
+    Exact on any CPU: the compared tensors are copies read from a file or state dict, with no
+    arithmetic between them.
+    """
     out = tmp_path / "teacher"
     args = [sys.executable, str(PRETRAIN), "--config", "configs/teacher/shapes_moco_v2_r50.yaml",
             *toy(shapes_root, out, "student.arch=resnet18", "train.max_steps=2", "checkpoint.every=2")]

@@ -98,8 +98,12 @@ def test_the_run_says_how_the_key_encoder_normalises(shapes_root, tmp_path, caps
 # -- all-gather -----------------------------------------------------------------------------
 
 
+@pytest.mark.exact
 def test_all_gather_buffers_are_contiguous_for_channels_last_input(monkeypatch):
-    """NCCL writes row-major bytes: buffers copied from a channels_last input would be misread."""
+    """NCCL writes row-major bytes: buffers copied from a channels_last input would be misread.
+
+    Exact on any CPU: a one-process all-gather copies the tensor.
+    """
     seen = []
     real_all_gather = dist.all_gather
 
@@ -129,8 +133,12 @@ def test_logged_learning_rate_is_the_one_the_step_used(shapes_root, tmp_path):
     assert logged == pytest.approx(used, rel=1e-6)
 
 
+@pytest.mark.exact
 def test_resume_restores_the_torch_rng(shapes_root, tmp_path):
-    """Split BN's permutations (and shuffle BN's under torchrun) come from the global RNG."""
+    """Split BN's permutations (and shuffle BN's under torchrun) come from the global RNG.
+
+    Exact on any CPU: it compares the generator's state bytes, no float arithmetic.
+    """
     out = tmp_path / "run"
     Trainer(toy_config(shapes_root, out, "moco_v2", "train.bn_splits=2")).fit()
     saved = safe_load(out / "checkpoint_last.pth")["rng"]["torch"]
@@ -142,7 +150,9 @@ def test_resume_restores_the_torch_rng(shapes_root, tmp_path):
 # -- data: decoded once, the same pixels ----------------------------------------------------
 
 
+@pytest.mark.exact
 def test_in_memory_images_give_the_streamed_views(shapes_root):
+    """Exact on any CPU: both paths decode with the same function and run the same seeded augmentation on the same uint8 image."""
     files = list_images(shapes_root / "unlabeled")
     decoded = decode_all(files, limit_mb=64)
     assert decoded is not None and len(decoded) == len(files) and decoded[0].dtype == torch.uint8

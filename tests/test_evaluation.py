@@ -127,8 +127,10 @@ def _fixed_encoder():
     return encoder.train()
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("precompute", [False, True])
 def test_linear_probe_learns_and_leaves_the_encoder_frozen(precompute):
+    """Exact on any CPU: the encoder's tensors are never written to, and the repeated probe runs the same operations on the same shapes in the same process."""
     encoder = _fixed_encoder()
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     train, val = _separable_loaders()

@@ -190,7 +190,9 @@ def test_seed_loss_equals_its_formula_and_queues_teacher_embeddings(teacher):
 # -- Retro's invariants -------------------------------------------------------------------
 
 
+@pytest.mark.exact
 def test_retro_trains_only_student_and_adapter_and_freezes_teacher(teacher):
+    """Exact on any CPU: a frozen teacher in eval mode is never written to, so its tensors keep their values bit for bit."""
     torch.manual_seed(0)
     frozen = copy.deepcopy(teacher.state_dict())
     method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9).train()
@@ -236,7 +238,9 @@ def test_queue_is_fifo():
         queue.enqueue(torch.randn(4, 2))
 
 
+@pytest.mark.exact
 def test_official_moco_v2_head_is_reused_exactly(tmp_path):
+    """Exact on any CPU: the compared tensors are copies read from a file or state dict, with no arithmetic between them."""
     net = torchvision.models.resnet18()
     net.fc = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
     state = {f"module.encoder_q.{k}": v for k, v in net.state_dict().items()}

@@ -259,11 +259,15 @@ def test_frozen_stages_and_norm_eval():
         build(dict(type="StudentBackbone", arch="resnet18", out_indices=(5,)))
 
 
+@pytest.mark.exact
 def test_syncbn_config_keeps_timms_fused_norm_act(monkeypatch):
     """On one process SyncBN stays BN; on several it becomes timm's SyncBatchNormAct, activation kept.
 
     torch's and MMEngine's converters turn timm's BatchNormAct2d into a plain
     SyncBatchNorm and silently drop the activation fused into it.
+
+    Exact on any CPU: in eval mode both norms are the same F.batch_norm on the same running
+    statistics followed by the same activation, the same operations on the same shapes.
     """
     from retro_transfer.mmseg import backbones
 
@@ -414,7 +418,10 @@ def _scalars(work_dir: Path):
     return rows
 
 
+@pytest.mark.exact
 def test_runner_trains_evaluates_and_resumes_with_weights_only(students, shapes_root, tmp_path, capsys, monkeypatch):
+    """Exact on any CPU: the loaded backbone tensor is a copy of the saved one, and the two evaluations of
+    iter_14 (test_seg, then --eval-only) run the same operations on the same shapes."""
     loads = []
     real_load = torch.load
 

@@ -125,7 +125,9 @@ def _fine_tune(encoder, lr_backbone, seed=3):
     return fine_tune(encoder, 16, 3, train, val, epochs=4, lr_backbone=lr_backbone, lr_classifier=0.5, seed=seed)
 
 
+@pytest.mark.exact
 def test_fine_tuning_trains_the_backbone_at_its_own_learning_rate():
+    """Exact on any CPU: with a learning rate of 0 SGD adds 0 * update to each weight, which leaves a float unchanged (the gradients are finite)."""
     still = _encoder()
     before = {k: v.clone() for k, v in still.state_dict().items()}
     result = _fine_tune(still, lr_backbone=0.0)
@@ -162,7 +164,10 @@ def _argv(student, shapes_root, out, *extra):
             "--workers", 0, "--device", "cpu", "--out", out, *extra]
 
 
+@pytest.mark.exact
 def test_cli_fine_tunes_and_its_label_list_repeats_the_run(student, shapes_root, tmp_path, capsys):
+    """Exact on any CPU: the repeated run fine-tunes on the same images with the same seed, the same operations
+    on the same shapes, so its metrics and loss equal the first run's."""
     code, stdout, err = _run(_argv(student, shapes_root, tmp_path / "a" / "r.json", "--label-fraction", 0.5), capsys)
     assert code == 0, err
     assert "fine-tuning the student resnet18 (512-d features)" in stdout and "top-1" in stdout
