@@ -200,7 +200,10 @@ def test_knn_monitor_logs_the_students_accuracy(shapes_root, teacher_ckpt, tmp_p
     val_feats, val_labels = extract_features(encoder, make_loader(val, 64, shuffle=False))
     scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=cfg.eval.knn_k)
     expected = (scores.argmax(1) == val_labels).float().mean().item() * 100
-    assert records[-1]["knn_top1"] == pytest.approx(expected, abs=1e-4)
+    # Within one val image: the monitor embeds the images in batches of its own size from uint8 tensors, this
+    # recomputation in batches of 64 from the loader; float32 rounding that differs with the batch shape (by CPU)
+    # can reorder two nearly tied neighbours of one image, while a wrong model or split moves many.
+    assert abs(records[-1]["knn_top1"] - expected) <= 100 / len(val_labels) + 1e-4
 
 
 def test_monitor_keys_come_together(shapes_root, tmp_path):
