@@ -25,14 +25,22 @@ import dataclasses
 import difflib
 import math
 import os
-import re
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .common import (
+    ADAPTER_KINDS,
+    IMAGE_EXTENSIONS,
+    MSE_REDUCTIONS,
+    TEACHER_ARCHS,
+    TEACHER_FAMILIES,
+    TRAIN_DATA_HINT,
+    has_image,
+)
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -75,17 +83,6 @@ METHODS = ("moco_v2", "seed", "disco", "retro")
 TEACHER_METHODS = ("seed", "disco", "retro")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SCHEDULES = ("cosine", "constant")
-MSE_REDUCTIONS = ("batch_mean", "sum")
-# Kept equal to retro_transfer.models (adapters.ADAPTER_KINDS, teachers.TEACHER_ARCHS);
-# repeated here so that reading a config does not import torch.
-ADAPTER_KINDS = ("auto", "inverted_residual", "bottleneck")
-TEACHER_ARCHS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnet50w2", "resnet50w4", "resnet50w5", "resnet101w2", "resnet152w2",
-)
-# Kept equal to the modules of retro_transfer.teacher_families (tests check it).
-TEACHER_FAMILIES = ("moco_v2", "moco_v3", "swav", "dino", "simclr", "byol")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # The file that makes a folder a teacher cache (distill.teacher_cache); checked here without importing torch.
 TEACHER_CACHE_MANIFEST = "manifest.json"
 # train.lr is the rate for this global batch; the engine uses lr * batch_size / 256.
@@ -93,10 +90,6 @@ BASE_BATCH_SIZE = 256
 # A queue over this many times the data set's images x views is refused unless loss.force_queue_size.
 QUEUE_DATA_BOUND = 16
 BASE_KEY = "_base_"
-DATA_HINT = (
-    "generate the shapes data with `python tools/make_shapes.py --out data/shapes` and use "
-    "data/shapes/unlabeled, or point it at an ImageNet train/ folder"
-)
 
 
 class ConfigError(ValueError):
@@ -609,37 +602,15 @@ def _close_names(name: str, names: frozenset) -> List[str]:
 def _timm_model_names() -> frozenset:
     """The names ``timm.list_models()`` returns.
 
-    Importing timm takes seconds (it imports torch), which a config error
-    should not wait for; when timm is not imported yet, the names are read
-    from the ``@register_model`` entry points in timm's installed source,
-    which is what ``list_models()`` enumerates (the two sets are equal for the
-    installed timm). If that scan finds nothing, timm is imported.
+    timm (and with it torch, seconds) is imported here, when a student name is
+    checked, and not when this module is: reading a config file, ``--help``
+    and the other checks stay fast.
     """
-    if "timm" not in sys.modules:
-        names = _scan_timm_source()
-        if names:
-            return names
     try:
         import timm
     except ImportError as err:
         raise ConfigError(f"student.arch needs timm, which is not importable: {err}") from err
     return frozenset(timm.list_models())
-
-
-_REGISTER = re.compile(r"^@register_model\s*\n(?:@[^\n]*\n)*def\s+(\w+)", re.MULTILINE)
-
-
-def _scan_timm_source() -> frozenset:
-    import importlib.util
-
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        return frozenset()
-    models = Path(list(spec.submodule_search_locations)[0]) / "models"
-    names = set()
-    for source in models.rglob("*.py"):
-        names.update(_REGISTER.findall(source.read_text(encoding="utf-8", errors="replace")))
-    return frozenset(names)
 
 
 # --------------------------------------------------------------------------- keys and suggestions
@@ -895,35 +866,18 @@ def _check_teacher_cache_folder(value: str) -> None:
 def _check_train_dir(value: str) -> None:
     path = Path(value)
     if not path.exists():
-        raise ConfigError(f"data.train_dir '{value}' does not exist; {DATA_HINT}")
+        raise ConfigError(f"data.train_dir '{value}' does not exist; {TRAIN_DATA_HINT}")
     if not path.is_dir():
-        raise ConfigError(f"data.train_dir '{value}' is not a directory; {DATA_HINT}")
-    if not _has_image(path, depth=1):
+        raise ConfigError(f"data.train_dir '{value}' is not a directory; {TRAIN_DATA_HINT}")
+    try:
+        found = has_image(path, depth=1)
+    except OSError as err:
+        raise ConfigError(f"data.train_dir: cannot read '{value}': {err}") from err
+    if not found:
         exts = ", ".join(IMAGE_EXTENSIONS)
         raise ConfigError(
-            f"data.train_dir '{value}' contains no images ({exts}) directly or in class subfolders one level down; {DATA_HINT}"
+            f"data.train_dir '{value}' contains no images ({exts}) directly or in class subfolders one level down; {TRAIN_DATA_HINT}"
         )
-
-
-def _has_image(folder: Path, depth: int) -> bool:
-    """An image in ``folder`` or, down to ``depth`` levels, its subfolders; stops at the first one.
-
-    Files are looked at before subfolders so that an ImageNet train/ folder
-    (1000 class folders) is answered after listing one class.
-    """
-    try:
-        with os.scandir(folder) as entries:
-            subfolders = []
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    return True
-                if depth > 0 and entry.is_dir():
-                    subfolders.append(entry.path)
-    except OSError as err:
-        raise ConfigError(f"data.train_dir: cannot read '{folder}': {err}") from err
-    return any(_has_image(Path(sub), depth - 1) for sub in subfolders)
 
 
 def check_adapter_widths(c_student: int, c_teacher: int, adapter_out: int) -> None:

@@ -20,11 +20,9 @@ from torchvision.transforms import v2
 
 from retro_transfer.utils.progress import progress_bar
 
+from .common import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD
 from .config import ConfigError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MIB = 2**20
 # Images whose headers are read to estimate the decoded size of a whole set.
 SIZE_SAMPLE = 64

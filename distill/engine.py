@@ -27,6 +27,7 @@ from retro_transfer.models import build_student
 from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
+from .common import DISTILL_FORMAT
 from .config import Config, ConfigError, check_adapter_widths, check_queue_against_data, dump_yaml
 from .data import (
     MultiViewImages,
@@ -42,7 +43,6 @@ from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor
 from .teacher_cache import TeacherCache
 
-CHECKPOINT_FORMAT = "retro-transfer/distill"
 CHECKPOINT_VERSION = 1
 LAST = "checkpoint_last.pth"
 # What a run writes into output_dir (tools/pretrain_teacher.py adds checkpoint_last.pth.tar).
@@ -395,7 +395,7 @@ class Trainer:
         if cfg.eval.every and dist_utils.is_main_process():
             self.monitor = KnnMonitor(cfg.eval.knn_data, cfg.data.image_size, cfg.eval.knn_k, cfg.eval.max_images, self.device)
         params = self.method.trainable_parameters()
-        self.lr = cfg.train.lr * cfg.train.batch_size / 256
+        self.lr = cfg.train.scaled_lr
         self.optimizer = make_sgd(params, self.lr, cfg.train.momentum, cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.train.max_steps, cfg.train.warmup_steps, cfg.train.schedule)
@@ -427,7 +427,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": DISTILL_FORMAT,
             "version": CHECKPOINT_VERSION,
             "method": self.cfg.method,
             "student_arch": self.cfg.student.arch,
@@ -476,7 +476,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = safe_load(path)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
+        if ckpt.get("format") != DISTILL_FORMAT:
             raise CheckpointError(f"{path} is not a distillation checkpoint of this project; cannot resume from it")
         if ckpt["method"] != self.cfg.method or ckpt["student_arch"] != self.cfg.student.arch:
             raise CheckpointError(

@@ -40,11 +40,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from retro_transfer.utils.progress import progress_bar
 
+from .common import EVAL_DATA_HINT, IMAGENET_MEAN, IMAGENET_STD, has_image
+
 Device = Union[str, torch.device]
 
-#: ImageNet statistics, as torchvision's and MoCo's evaluation transforms use.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: MoCo / torchvision evaluation: resize the short side to 256, centre-crop 224.
 CENTER_CROP_FRACTION = 0.875
 
@@ -64,12 +63,6 @@ KNN_TEMPERATURE = 0.07
 KNN_MIN_TEMPERATURE = 1.0 / 700.0
 # Bound on the (test chunk x train) similarity matrix: 2^26 floats = 256 MiB.
 KNN_MAX_SIM_ELEMENTS = 1 << 26
-
-DATA_HINT = (
-    "expected an ImageFolder root with train/<class>/*.jpg and val/<class>/*.jpg, as ImageNet is laid out; "
-    "`python tools/make_shapes.py --out DIR` writes one at DIR/classification"
-)
-
 
 class DataError(ValueError):
     """A data folder that cannot be used, with a one-line reason a user can act on."""
@@ -112,14 +105,6 @@ def _check_image_size(image_size: int) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def _has_image(folder: Path) -> bool:
-    """True once one file with an image extension is found (ImageFolder walks sub-folders too)."""
-    for _dirpath, _dirs, files in os.walk(folder, followlinks=True):
-        if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
-            return True
-    return False
-
-
 def check_split(root: Union[str, Path], split: str) -> List[str]:
     """Check that ``root/split`` is an ImageFolder split; return its sorted class names.
 
@@ -129,17 +114,17 @@ def check_split(root: Union[str, Path], split: str) -> List[str]:
     root = Path(root)
     folder = root / split
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; {DATA_HINT}")
+        raise DataError(f"data folder {root} does not exist; {EVAL_DATA_HINT}")
     if not folder.is_dir():
         hint = f" (did you mean --data {root / 'classification'}?)" if (root / "classification" / split).is_dir() else ""
-        raise DataError(f"no {split}/ folder in {root}{hint}; {DATA_HINT}")
+        raise DataError(f"no {split}/ folder in {root}{hint}; {EVAL_DATA_HINT}")
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not classes:
-        raise DataError(f"{folder} has no class folders; {DATA_HINT}")
+        raise DataError(f"{folder} has no class folders; {EVAL_DATA_HINT}")
     for name in classes:
-        if not _has_image(folder / name):
+        if not has_image(folder / name, IMG_EXTENSIONS):
             raise DataError(
-                f"class folder {folder / name} has no images ({', '.join(IMG_EXTENSIONS[:3])}, ...); {DATA_HINT}"
+                f"class folder {folder / name} has no images ({', '.join(IMG_EXTENSIONS[:3])}, ...); {EVAL_DATA_HINT}"
             )
     return classes
 

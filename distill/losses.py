@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-MSE_REDUCTIONS = ("batch_mean", "sum")
+from .common import MSE_REDUCTIONS
 
 
 def full_precision(fn):

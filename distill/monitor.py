@@ -24,7 +24,8 @@ from typing import Dict, List, Tuple
 import torch
 from torchvision import transforms
 
-from .evaluation import CENTER_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, check_image_folder, knn_classify
+from .common import IMAGENET_MEAN, IMAGENET_STD
+from .evaluation import CENTER_CROP_FRACTION, check_image_folder, knn_classify
 from .methods import DistillMethod
 
 BATCH = 256

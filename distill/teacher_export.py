@@ -10,7 +10,7 @@ from typing import Dict
 
 import torch
 
-from retro_transfer.models.teachers import TEACHER_ARCHS
+from .common import TEACHER_ARCHS
 
 
 def to_moco_v2_release(ckpt: Dict) -> Dict:

@@ -28,9 +28,11 @@ from typing import BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Uni
 import torch
 import torch.nn as nn
 
+from distill.common import TEACHER_ARCHS
+
 from .models.adapters import build_adapter
 from .models.students import Student
-from .models.teachers import TEACHER_ARCHS, Teacher, join_arch
+from .models.teachers import Teacher, join_arch
 from .teacher_families import AUTO, DISTILL_FORMAT, TeacherLayout, recognise
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,8 @@
 """The distillation config: YAML inheritance, key=value overrides, and one clear error per bad value."""
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from distill.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distill"
+REPO = CONFIGS.parents[1]
 ABSTRACT = {"base.yaml", "shapes_base.yaml"}  # they leave `method` to their children
 SHAPES = CONFIGS / "shapes_retro_effb0.yaml"
 
@@ -229,7 +232,7 @@ def test_wrong_type(text, message):
     ("loss.mse_reduction", "mean", "batch_mean, sum"),
     ("adapter.kind", "mlp", "auto, inverted_residual, bottleneck"),
     ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152, resnet50w2, resnet50w4, resnet50w5, resnet101w2, resnet152w2"),
-    ("teacher.family", "mocov3", "auto, moco_v2, moco_v3, swav, dino, simclr, byol"),
+    ("teacher.family", "mocov3", "auto, byol, dino, moco_v2, moco_v3, simclr, swav"),
 ])
 def test_bad_choice(key, bad, accepted):
     with pytest.raises(ConfigError) as err:
@@ -398,3 +401,31 @@ def test_adapter_width_check():
 def test_valid_keys_and_apply_overrides_on_raw_dicts():
     assert "train.max_steps" in valid_keys() and "train" not in valid_keys()
     assert apply_overrides({"train": None}, ["train.lr=0.1"]) == {"train": {"lr": 0.1}}
+
+
+def test_the_config_reader_imports_no_torch():
+    """Importing the config reader and the constants it shares with the networks' code (distill.common), and
+    reading a config file with its bases, import no torch; only checking a student's name imports timm (and torch).
+
+    In a fresh interpreter, so that no other test's imports count.
+    """
+    script = (
+        "import sys\n"
+        "from distill.config import load_yaml\n"
+        "import distill.common\n"
+        "raw = load_yaml('configs/distill/shapes_retro_effb0.yaml')\n"
+        "assert raw['method'] == 'retro', raw\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'timm', 'numpy'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_teacher_families_are_the_family_modules():
+    """distill.common lists the family modules without importing them; the loader imports the same ones."""
+    from distill.common import TEACHER_FAMILIES
+    from retro_transfer.teacher_families import FAMILIES
+
+    modules = sorted(p.stem for p in (REPO / "retro_transfer" / "teacher_families").glob("[!_]*.py"))
+    assert list(TEACHER_FAMILIES) == modules == sorted(FAMILIES)

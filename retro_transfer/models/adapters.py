@@ -8,6 +8,8 @@ themselves; nothing here assumes 1280 or 2048.
 
 import torch.nn as nn
 
+from distill.common import ADAPTER_KINDS
+
 
 def _conv_bn_act(c_in: int, c_out: int, kernel: int, act: type, groups: int = 1) -> list:
     return [nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out), act()]
@@ -35,9 +37,6 @@ class BottleneckAdapter(nn.Sequential):
             *_conv_bn_act(mid, mid, 3, nn.ReLU),
             *_conv_bn_act(mid, c_teacher, 1, nn.ReLU),
         )
-
-
-ADAPTER_KINDS = ("auto", "inverted_residual", "bottleneck")
 
 
 def build_adapter(student_arch: str, c_student: int, c_teacher: int, kind: str = "auto") -> nn.Module:

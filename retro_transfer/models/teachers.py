@@ -8,17 +8,11 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import Bottleneck
 
+from distill.common import TEACHER_ARCHS
+
 from .heads import ProjectionHead
 
-# ``resnet50w2`` is a ResNet-50 with every width doubled: stem, bottleneck and
-# output channels (4096 features). SwAV releases it under this name (its
-# src/resnet50.py after the "fix bug with wider models" commit) and SimCLR's
-# ResNet-50 (2x) is the same network; torchvision's wide_resnet50_2 is not
-# (it widens only the inner 3x3 convolutions).
-TEACHER_ARCHS = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnet50w2", "resnet50w4", "resnet50w5", "resnet101w2", "resnet152w2",
-)
+# TEACHER_ARCHS (distill.common): what ``resnet50w2`` means and why it is not torchvision's wide ResNet.
 _ARCH = re.compile(r"(resnet\d+)(?:w(\d+))?")
 
 

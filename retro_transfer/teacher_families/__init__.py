@@ -9,16 +9,18 @@ family (MoCo v2, MoCo v3, SwAV, DINO, SimCLR, BYOL) and defines:
   loaded file) is in this family's layout, else None. It may raise
   ``ValueError`` for a file that is this family's but cannot be a teacher.
 
-Adding a family is adding such a module (and its name to
-``distill.config.TEACHER_FAMILIES``, which reads configs without importing
-torch); the loader has no per-family code. ``recognise`` below picks the
+Adding a family is adding such a module, whose ``NAME`` is the module's
+name: ``distill.common.TEACHER_FAMILIES`` lists the modules without importing
+them (so a config is checked without torch), and the loader has no
+per-family code. ``recognise`` below picks the
 family: the one asked for, or the only one whose layout matches.
 """
 
 import importlib
-import pkgutil
 from types import ModuleType
 from typing import Dict, Mapping
+
+from distill.common import TEACHER_FAMILIES
 
 from ._builtin import DISTILL_FORMAT, distillation_checkpoint, torchvision_state
 from ._layout import Part, TeacherLayout
@@ -29,12 +31,11 @@ AUTO = "auto"
 
 
 def _discover() -> Dict[str, ModuleType]:
-    modules = [
-        importlib.import_module(f"{__name__}.{info.name}")
-        for info in pkgutil.iter_modules(__path__)
-        if not info.name.startswith("_")
-    ]
-    return {module.NAME: module for module in sorted(modules, key=lambda m: m.__name__)}
+    modules = {name: importlib.import_module(f"{__name__}.{name}") for name in TEACHER_FAMILIES}
+    for name, module in modules.items():
+        if module.NAME != name:
+            raise ImportError(f"{module.__name__} names its family {module.NAME!r}: a family's NAME is its module's name")
+    return modules
 
 
 FAMILIES: Dict[str, ModuleType] = _discover()

@@ -13,11 +13,11 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
+from distill.common import DISTILL_FORMAT
+
 from ..models.heads import MLPHead, NormalizedMLPHead
 from ._layout import Part, TeacherLayout, ddp_wrapper, has_prefix, not_under, state_dict_of
 
-DISTILL_FORMAT = "retro-transfer/distill"
-"""Value of the ``"format"`` entry in checkpoints written by this project's distillation engine."""
 
 
 def _saved_head(state: Dict[str, torch.Tensor]) -> nn.Module:
