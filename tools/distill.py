@@ -12,10 +12,12 @@ replaced with overwrite=true; without either the run is refused.
 
 import sys
 
-from retro_transfer.checkpoints import CheckpointError
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
+
+# After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
+from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

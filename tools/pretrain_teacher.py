@@ -13,10 +13,12 @@ loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.
 
 import sys
 
-from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
+
+# After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
+from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic  # noqa: E402
 
 TEACHER_FILE = "checkpoint_last.pth.tar"
 
