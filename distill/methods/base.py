@@ -24,11 +24,28 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def embed_views(teacher: Teacher, *views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """n(H_T(T(x))) of each view, run as one batch without autograd: what a step, and the teacher cache, compute."""
+    """n(H_T(T(x))) of each view, run as one batch without autograd: what a step, and the teacher cache, compute.
+
+    One batch is exact only for a teacher on running BN statistics, whose
+    output for an image does not depend on the rest of the batch.
+    """
     with torch.inference_mode():
         t = unit(teacher(torch.cat(views)))
     # A clone outside inference mode is an ordinary tensor the loss can use.
     return t.clone().chunk(len(views))
+
+
+def embed_each_view(teacher: Teacher, *views: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """n(H_T(T(x))) of each view, one teacher call per view, the last view first.
+
+    What the released DisCo code does with its train-mode teacher: its builder
+    calls the teacher on the key view (x2) and then on the query view (x1), so
+    BN normalises each view with that view's own batch statistics and updates
+    its running statistics twice a step, in that order.
+    """
+    with torch.inference_mode():
+        last_first = [unit(teacher(view)) for view in reversed(views)]
+    return tuple(t.clone() for t in reversed(last_first))
 
 
 class DistillMethod(nn.Module):
@@ -79,8 +96,16 @@ class DistillMethod(nn.Module):
         return {"backbone": pooled(self.student(x))}
 
     def teacher_embeddings(self, *views: torch.Tensor, cached: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, ...]:
-        """t_i = n(H_T(T(x_i))) for each view: ``cached`` when the engine read them from a teacher cache, else computed."""
-        return embed_views(self.teacher, *views) if cached is None else tuple(cached)
+        """t_i = n(H_T(T(x_i))) for each view: ``cached`` when the engine read them from a teacher cache, else computed.
+
+        A teacher on batch statistics (``teacher_bn_train``) runs once per view,
+        as the released code does; one concatenated batch would normalise over
+        both views and update the running statistics once (METHOD.md, issue 24).
+        """
+        if cached is not None:
+            return tuple(cached)
+        embed = embed_each_view if self.teacher_bn_train else embed_views
+        return embed(self.teacher, *views)
 
     @torch.no_grad()
     def keys(self, encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
