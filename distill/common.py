@@ -23,9 +23,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: The consistency loss's reductions (:func:`distill.losses.consistency_mse`).
-MSE_REDUCTIONS = ("batch_mean", "sum")
-
 #: Retro's adapter kinds (:func:`retro_transfer.models.adapters.build_adapter`).
 ADAPTER_KINDS = ("auto", "inverted_residual", "bottleneck")
 

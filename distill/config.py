@@ -35,7 +35,6 @@ import yaml
 from .common import (
     ADAPTER_KINDS,
     IMAGE_EXTENSIONS,
-    MSE_REDUCTIONS,
     TEACHER_ARCHS,
     TEACHER_FAMILIES,
     TRAIN_DATA_HINT,
@@ -47,7 +46,6 @@ __all__ = [
     "BASE_BATCH_SIZE",
     "IMAGE_EXTENSIONS",
     "METHODS",
-    "MSE_REDUCTIONS",
     "PRECISIONS",
     "SCHEDULES",
     "TEACHER_ARCHS",
@@ -184,6 +182,12 @@ class AdapterConfig(_Section):
     kind: str = _opt(
         "auto", "auto: bottleneck for ResNet students, inverted_residual otherwise (paper Figure 5)", choices=ADAPTER_KINDS
     )
+    ema: bool = _opt(
+        True,
+        "the mean student averages the adapter too (EMA of backbone and adapter, the teacher's frozen head shared), "
+        "as DisCo's released builder averages every trainable part; false: only the backbone is averaged and the keys "
+        "go through the online adapter",
+    )
 
 
 @dataclass(frozen=True)
@@ -195,13 +199,13 @@ class LossConfig(_Section):
     teacher_temperature: float = _opt(0.01, "SEED teacher temperature (paper 0.01; released code 1e-4)", gt=0)
     queue_size: int = _opt(65536, "negatives queue length K; a multiple of train.batch_size", gt=0)
     momentum: float = _opt(0.999, "EMA momentum of the key / mean student", ge=0, lt=1)
-    mse_reduction: str = _opt(
-        "batch_mean",
-        "consistency MSE (disco, retro): batch_mean sums over embedding dims and averages over the batch "
-        "(the papers); sum also sums over the batch (the released code)",
-        choices=MSE_REDUCTIONS,
+    mse_weight: float = _opt(
+        32.0,
+        "weight of each teacher-consistency MSE term (disco, retro), a per-image mean (summed over embedding dims, "
+        "averaged over images); 32 is the released DisCo/Retro recipe (MSELoss(reduction='sum') over 32 images a GPU), "
+        "on any number of processes",
+        ge=0,
     )
-    consistency_weight: float = _opt(1.0, "weight of each teacher-consistency MSE term (disco, retro)", ge=0)
     force_queue_size: bool = _opt(
         False, f"accept a queue over {QUEUE_DATA_BOUND}x the data set's images x views (refused otherwise: it only repeats images)"
     )
@@ -672,9 +676,22 @@ def _suggest(key: str) -> Optional[str]:
     return best[1] if best[0] >= 0.8 else None
 
 
+#: Keys that no longer exist, with what replaced them: a config written for an
+#: older version gets this line instead of a guess at the nearest key.
+RETIRED_KEYS = {
+    "loss.consistency_weight": "renamed loss.mse_weight (the same weight of the per-image MSE terms)",
+    "loss.mse_reduction": (
+        "removed: the consistency MSE is always the per-image mean; the released code's per-GPU sum over 32 images "
+        "is loss.mse_weight=32 (mse_reduction=sum at B images a process: loss.mse_weight=B)"
+    ),
+}
+
+
 def _unknown_key(key: str, source: str = "") -> ConfigError:
-    match = _suggest(key)
     where = f" (in {source})" if source else ""
+    if key in RETIRED_KEYS:
+        return ConfigError(f"{key} was {RETIRED_KEYS[key]}{where}")
+    match = _suggest(key)
     if match:
         return ConfigError(f"unknown key {key!r}; did you mean {match!r}?{where}")
     parent = key.rpartition(".")[0]

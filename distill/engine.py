@@ -120,14 +120,13 @@ def build_method(cfg: Config, bn_splits: int = 1) -> DistillMethod:
         )
     consistency = dict(
         momentum=cfg.loss.momentum,
-        mse_reduction=cfg.loss.mse_reduction,
-        consistency_weight=cfg.loss.consistency_weight,
+        mse_weight=cfg.loss.mse_weight,
         shuffle_bn=cfg.train.shuffle_bn,
         bn_splits=bn_splits,
     )
     if cfg.method == "disco":
         return cls(student, teacher, head_hidden=cfg.student.head_hidden or 2048, dim=teacher.head.out_dim, **common, **consistency)
-    method = cls(student, teacher, adapter_kind=cfg.adapter.kind, **common, **consistency)
+    method = cls(student, teacher, adapter_kind=cfg.adapter.kind, adapter_ema=cfg.adapter.ema, **common, **consistency)
     adapter_out = [m for m in method.adapter.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
     check_adapter_widths(student.out_channels, teacher.head.in_dim, adapter_out)
     return method
@@ -358,6 +357,32 @@ def _record_step(line: str) -> Optional[int]:
         return None
 
 
+def check_model_keys(method: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse, in one line, a checkpoint whose tensors are not this config's model (``load_state_dict`` would raise a page).
+
+    The one known case: Retro's averaged adapter (``adapter.ema``). A run
+    written with ``adapter.ema=false``, or before that key existed, holds no
+    ``adapter_ema.*`` tensors; it resumes exactly with ``adapter.ema=false``.
+    """
+    expected, held = set(method.state_dict()), set(state)
+    missing, unexpected = sorted(expected - held), sorted(held - expected)
+    if not missing and not unexpected:
+        return
+    if {key.split(".", 1)[0] for key in missing + unexpected} == {"adapter_ema"}:
+        written = "false (or before that key existed): its mean student averages the backbone only" if missing else (
+            "true: its mean student averages the adapter too"
+        )
+        raise CheckpointError(
+            f"{path} was written with adapter.ema={written}; resume it with adapter.ema={'false' if missing else 'true'}, "
+            "or start a new run in another output_dir"
+        )
+    shown = ", ".join([f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]])
+    raise CheckpointError(
+        f"{path} does not hold this config's model ({len(missing)} tensors missing, {len(unexpected)} unexpected: {shown}); "
+        "resume it with the config it was written with, or start a new run in another output_dir"
+    )
+
+
 class Trainer:
     """Runs one distillation: ``Trainer(cfg).fit()`` returns the final checkpoint's path."""
 
@@ -483,6 +508,7 @@ class Trainer:
                 f"{path} is a {ckpt['method']} run of {ckpt['student_arch']}, but this config trains "
                 f"{self.cfg.method} on {self.cfg.student.arch}; use another output_dir or resume=null"
             )
+        check_model_keys(self.method, ckpt["model"], path)
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

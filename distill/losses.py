@@ -14,8 +14,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .common import MSE_REDUCTIONS
-
 
 def full_precision(fn):
     """Run ``fn`` with autocast disabled and its tensor arguments cast to float32."""
@@ -60,16 +58,12 @@ def seed_loss(s: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, tau_student
 
 
 @full_precision
-def consistency_mse(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "batch_mean") -> torch.Tensor:
-    """DisCo's / Retro's consistency term: squared L2 distance between embeddings.
+def consistency_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """DisCo's / Retro's consistency term: the squared L2 distance between embeddings, per image.
 
-    Summed over embedding dimensions; ``batch_mean`` averages over the batch
-    (the faithful reading of the papers), ``sum`` also sums over the batch
-    (what the released DisCo code computes with ``MSELoss(reduction='sum')``).
+    Summed over embedding dimensions and averaged over the batch. The released
+    DisCo code sums over the batch too (``MSELoss(reduction='sum')`` on each
+    GPU's 32 images); that is this mean weighted by 32, which the methods'
+    ``mse_weight`` expresses without tying the weight to the per-process batch.
     """
-    per_sample = (student - teacher).pow(2).sum(dim=1)
-    if reduction == "batch_mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    raise ValueError(f"unknown mse reduction {reduction!r}; choose one of {', '.join(MSE_REDUCTIONS)}")
+    return (student - teacher).pow(2).sum(dim=1).mean()

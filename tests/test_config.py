@@ -229,7 +229,6 @@ def test_wrong_type(text, message):
     ("method", "mocov2", "moco_v2, seed, disco, retro"),
     ("train.precision", "fp8", "fp32, bf16, fp16, auto"),
     ("train.schedule", "step", "cosine, constant"),
-    ("loss.mse_reduction", "mean", "batch_mean, sum"),
     ("adapter.kind", "mlp", "auto, inverted_residual, bottleneck"),
     ("teacher.arch", "resnet200", "resnet18, resnet34, resnet50, resnet101, resnet152, resnet50w2, resnet50w4, resnet50w5, resnet101w2, resnet152w2"),
     ("teacher.family", "mocov3", "auto, byol, dino, moco_v2, moco_v3, simclr, swav"),

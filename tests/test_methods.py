@@ -48,11 +48,8 @@ def test_seed_loss_hand_computed():
 def test_consistency_mse_hand_computed():
     student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     teacher = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
-    # squared distances per sample: 0.4^2 + 0.8^2 = 0.8, and 0
-    assert consistency_mse(student, teacher, "batch_mean").item() == pytest.approx(0.4)
-    assert consistency_mse(student, teacher, "sum").item() == pytest.approx(0.8)
-    with pytest.raises(ValueError, match="batch_mean"):
-        consistency_mse(student, teacher, "mean")
+    # squared distances per sample: 0.4^2 + 0.8^2 = 0.8, and 0; their mean over the images
+    assert consistency_mse(student, teacher).item() == pytest.approx(0.4)
 
 
 # -- the methods, recomputed from their parts --------------------------------------------
@@ -121,22 +118,29 @@ def test_moco_v2_loss_equals_its_formula():
     torch.testing.assert_close(method.queue.negatives()[:4], k, rtol=1e-4, atol=1e-5)  # k is what was enqueued
 
 
-def test_retro_loss_equals_its_formula(teacher):
+@pytest.mark.parametrize("adapter_ema", [True, False])
+def test_retro_loss_equals_its_formula(teacher, adapter_ema):
+    """k goes through the mean adapter A' = EMA(A) (adapter_ema) or through the online adapter A (the other reading)."""
     torch.manual_seed(0)
-    method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9).train()
-    _drift(method.student)
+    method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9, adapter_ema=adapter_ema).train()
+    _drift(method.student, method.adapter)  # the mean adapter then differs from the online one
     x1, x2 = _views()
     queue = method.queue.negatives().clone()
     # BN in train mode normalises per call, so the reference calls the modules in the same order.
     reference = copy.deepcopy(method)
 
-    def embed(fmap):
-        return _unit(reference.teacher.head(reference.adapter(fmap).mean(dim=(2, 3))))
+    def embed(fmap, adapter=reference.adapter):
+        return _unit(reference.teacher.head(adapter(fmap).mean(dim=(2, 3))))
 
     with torch.no_grad():
         q = embed(reference.student(x1))
         q2 = embed(reference.student(x2))  # view 2: the released code wrongly uses x1 here
-        k = _expected_key(reference.student_ema, reference.student, 0.9, embed, x2)
+        key_adapter = reference.adapter
+        if adapter_ema:
+            key_adapter = reference.adapter_ema
+            for pm, po in zip(key_adapter.parameters(), reference.adapter.parameters()):
+                pm.mul_(0.9).add_(po, alpha=0.1)
+        k = _expected_key(reference.student_ema, reference.student, 0.9, lambda f: embed(f, key_adapter), x2)
     t1, t2 = _teacher_embedding(teacher, x1), _teacher_embedding(teacher, x2)
     expected_nce = info_nce(q, k, queue, 0.2)
     expected_mse1 = ((q - t1) ** 2).sum(1).mean()
@@ -223,6 +227,70 @@ def test_mean_student_follows_the_ema_formula(teacher):
     method(*_views())
     for after, old, live in zip(method.student_ema.parameters(), before_mean, online):
         torch.testing.assert_close(after, 0.9 * old + 0.1 * live)
+
+
+def _adapter_bns(adapter):
+    return [m for m in adapter.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_retro_key_adapter_is_the_ema_of_the_online_adapter(teacher):
+    """After two SGD steps: A' = m^2 A_0 + m(1-m) A_0 + (1-m) A_1, each step averaging the online adapter it started from."""
+    torch.manual_seed(0)
+    method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9).train()
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.5)
+    expected = [p.detach().clone() for p in method.adapter_ema.parameters()]
+    for step in range(2):
+        online = [p.detach().clone() for p in method.adapter.parameters()]
+        optimizer.zero_grad()
+        method(*_views(seed=step))["loss"].backward()
+        optimizer.step()
+        expected = [0.9 * e + 0.1 * o for e, o in zip(expected, online)]
+    assert not any(p.requires_grad for p in method.adapter_ema.parameters()), "the mean adapter is not trained"
+    for got, want in zip(method.adapter_ema.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    moved = max((a - b).abs().max().item() for a, b in zip(method.adapter.parameters(), method.adapter_ema.parameters()))
+    assert moved > 1e-4, "the online adapter must have moved away from its average for this to test anything"
+
+
+def test_retro_without_adapter_ema_sends_keys_through_the_online_adapter(teacher):
+    """adapter.ema=false: no averaged adapter exists (nor in checkpoints); the key view's features go through A."""
+    method = Retro(build_student("resnet18"), teacher, queue_size=8, adapter_ema=False)
+    assert method.adapter_ema is None and method.key_adapter is method.adapter
+    assert not any(k.startswith("adapter_ema.") for k in method.state_dict())
+    averaged = Retro(build_student("resnet18"), teacher, queue_size=8)
+    assert averaged.key_adapter is averaged.adapter_ema
+    assert {k.removeprefix("adapter_ema.") for k in averaged.state_dict() if k.startswith("adapter_ema.")} == set(
+        averaged.adapter.state_dict()
+    )
+
+
+@pytest.mark.parametrize("adapter_ema", [True, False])
+def test_retro_online_adapter_bn_statistics_move_only_in_its_own_passes(teacher, adapter_ema):
+    """The online adapter's BN running statistics (what adapter-feature evaluation reads) come from q and q2 only.
+
+    With the averaged adapter, the key pass (two split-BN sub-batches here)
+    runs through A' and leaves A's statistics as two passes, on S(x1) and
+    S(x2), make them. Without it the key pass updates them twice more.
+    """
+    torch.manual_seed(0)
+    method = Retro(build_student("resnet18"), teacher, queue_size=8, momentum=0.9, bn_splits=2,
+                   adapter_ema=adapter_ema).train()
+    reference = copy.deepcopy(method)
+    x1, x2 = _views(batch=8)
+    method(x1, x2)
+    with torch.no_grad():
+        for view in (x1, x2):
+            reference.adapter(reference.student(view))
+    ours, passes = _adapter_bns(method.adapter), _adapter_bns(reference.adapter)
+    assert ours and all(int(bn.num_batches_tracked) == (2 if adapter_ema else 4) for bn in ours)
+    gap = max((a.running_mean - b.running_mean).abs().max().item() for a, b in zip(ours, passes))
+    if adapter_ema:
+        # Same operations on the same shapes: float32 rounding only (the statistics are O(1)).
+        assert gap < 1e-5
+    else:
+        assert gap > 1e-3, "the key passes must have moved the online statistics"
+    if adapter_ema:
+        assert all(int(bn.num_batches_tracked) == 2 for bn in _adapter_bns(method.adapter_ema)), "A' normalised the 2 key sub-batches"
 
 
 def test_queue_is_fifo():

@@ -18,8 +18,12 @@ class DisCo(DistillMethod):
         q = n(H_S(S(x1))),  q2 = n(H_S(S(x2))),  k = n(H_S'(S'(x2))),  t_i = n(H_T(T(x_i)))
         L = InfoNCE(q, k) + w * (MSE(t1, q) + MSE(t2, q2))
 
-    H_S is wide (hidden 2048 by default): the paper's fix for the distilling
-    bottleneck.
+    MSE is the squared distance summed over embedding dimensions and averaged
+    over the images, so w does not depend on the batch or the process count.
+    The released code sums over each GPU's 32 images (``MSELoss(reduction='sum')``)
+    and averages the gradients over GPUs, which is w = 32 here, on any number
+    of processes. H_S is wide (hidden 2048 by default): the paper's fix for
+    the distilling bottleneck.
     """
 
     name = "disco"
@@ -35,8 +39,7 @@ class DisCo(DistillMethod):
         momentum: float = 0.999,
         shuffle_bn: bool = True,
         bn_splits: int = 1,
-        mse_reduction: str = "batch_mean",
-        consistency_weight: float = 1.0,
+        mse_weight: float = 1.0,
         teacher_bn_train: bool = False,
     ) -> None:
         super().__init__(student, teacher, teacher_bn_train, shuffle_bn, bn_splits)
@@ -45,7 +48,7 @@ class DisCo(DistillMethod):
         self.head_ema = make_mean_copy(self.head)
         self.queue = EmbeddingQueue(queue_size, dim)
         self.temperature, self.momentum = temperature, momentum
-        self.mse_reduction, self.consistency_weight = mse_reduction, consistency_weight
+        self.mse_weight = mse_weight
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return unit(self.head(pooled(self.student(x))))
@@ -59,8 +62,7 @@ class DisCo(DistillMethod):
             ema_update(self.head_ema, self.head, self.momentum)
             k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
         contrast = info_nce(q, k, self.queue.negatives(), self.temperature)
-        mse1 = consistency_mse(q, t1, self.mse_reduction)
-        mse2 = consistency_mse(q2, t2, self.mse_reduction)
+        mse1, mse2 = consistency_mse(q, t1), consistency_mse(q2, t2)
         self.queue.enqueue(k)
-        loss = contrast + self.consistency_weight * (mse1 + mse2)
+        loss = contrast + self.mse_weight * (mse1 + mse2)
         return {"loss": loss, "infonce": contrast.detach(), "mse1": mse1.detach(), "mse2": mse2.detach()}
