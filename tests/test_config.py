@@ -75,6 +75,30 @@ def test_shipped_values_follow_the_method_notes():
     assert shapes.loss.queue_size % shapes.train.batch_size == 0
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.startswith(("disco", "retro", "shapes_disco", "shapes_retro"))))
+def test_consistency_weight_and_mean_student_of_the_shipped_configs(name):
+    """ImageNet recipes: the released weight (MSELoss sum over 32 images a GPU = 32 x the per-image mean);
+    the shapes demo: weight 1, as it was measured. Retro averages its adapter in both."""
+    cfg = _load(path=CONFIGS / name)
+    assert cfg.loss.mse_weight == (1.0 if name.startswith("shapes_") else 32.0)
+    assert cfg.adapter.ema is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("loss.consistency_weight=2", "loss.consistency_weight was renamed loss.mse_weight"),
+    ("loss.mse_reduction=sum", "loss.mse_reduction was removed: the consistency MSE is always the per-image mean; "
+                               "the released code's per-GPU sum over 32 images is loss.mse_weight=32"),
+])
+def test_retired_loss_keys_name_their_replacement(text, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _load(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    key, value = text.split("=")
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=f"{key} was "):
+        load_config(_write(tmp_path / "old.yaml", {"_base_": str(SHAPES), section: {name: value}}), [])
+
+
 # --------------------------------------------------------------------------- inheritance
 
 
