@@ -61,6 +61,10 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
     assert set(stages["eval_retro"]["metrics"]) == {"backbone", "adapter"}
     report = (out / "report.md").read_text()
     assert "## Distillation" in report and "## Frozen-feature evaluation" in report and "10%-label" in report
+    # What the consistency terms weighed and what Retro's mean student averaged (issues 24 and 27).
+    assert stages["distill_retro"]["metrics"]["adapter_ema"] is True and stages["distill_disco"]["metrics"]["mse_weight"] == 1.0
+    assert "retro: the mean student averages the backbone and adapter (`adapter.ema=true`)." in report
+    assert "disco: each consistency MSE is a per-image mean weighted 1 (`loss.mse_weight`" in report
     for figure in ("loss_curves.png", "accuracy.png", "knn_curves.png"):
         assert (out / figure).stat().st_size > 1000
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.config import ConfigError, load_config
 from retro_transfer.checkpoints import safe_load
@@ -294,3 +295,40 @@ def test_a_batch_larger_than_the_data_set_is_refused_before_anything_is_written(
     message = one_line_error(proc)
     assert "the data set has 24 images, fewer than one batch of 32" in message, message
     assert not out.exists()
+
+
+def test_a_retro_run_without_the_averaged_adapter_resumes_only_as_it_was_written(shapes_root, teacher_ckpt, tmp_path):
+    """Issue 24: checkpoints of ``adapter.ema=false`` (and of every Retro run before that key) hold no ``adapter_ema.*``.
+
+    Resumed under today's default (``adapter.ema=true``) the run is refused in
+    one line naming the setting that resumes it, and nothing is written; with
+    that setting it continues. A default run's checkpoint gives the exporters
+    and probes the online adapter, not its average.
+    """
+    def retro(out, *extra):
+        return distill_args("shapes_retro_effb0.yaml", toy(shapes_root, out, R18, "teacher.arch=resnet18",
+                                                           f"teacher.checkpoint={teacher_ckpt}", "checkpoint.every=2", *extra))
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for result in run_all([Run(retro(old, "adapter.ema=false", "train.max_steps=2"), tmp_path / "logs_old"),
+                           Run(retro(new, "train.max_steps=2"), tmp_path / "logs_new")]):
+        check_ok(result)
+    assert not any(k.startswith("adapter_ema.") for k in safe_load(old / "checkpoint_last.pth")["model"])
+
+    before = snapshot(old)
+    refused = run_all([Run(retro(old, "resume=auto", "train.max_steps=3"), tmp_path / "logs_refused")])[0]
+    line = one_line_error(refused)
+    assert "was written with adapter.ema=false" in line and "resume it with adapter.ema=false" in line
+    assert snapshot(old) == before
+    resumed = run_all([Run(retro(old, "resume=auto", "train.max_steps=3", "adapter.ema=false"), tmp_path / "logs_resumed")])[0]
+    check_ok(resumed)
+    assert safe_load(old / "checkpoint_last.pth")["step"] == 3
+
+    from retro_transfer.checkpoints import load_encoder
+
+    model = safe_load(new / "checkpoint_last.pth")["model"]
+    encoder, info = load_encoder(new / "checkpoint_last.pth", which="adapter")
+    assert info["features"] == "adapter"
+    loaded = encoder.adapter.state_dict()
+    assert all(torch.equal(loaded[k], model["adapter." + k]) for k in loaded)
+    assert not all(torch.equal(loaded[k], model["adapter_ema." + k]) for k in loaded if loaded[k].is_floating_point())

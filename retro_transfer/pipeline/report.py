@@ -146,6 +146,20 @@ def accuracy_figure(out: Path, rows: Sequence[Mapping]) -> Path:
     return path
 
 
+def method_settings_lines(records: Mapping[str, Dict]) -> List[str]:
+    """What the consistency terms weighed and what Retro's mean student averaged, for the runs that recorded it."""
+    lines = []
+    for method in ("disco", "retro"):
+        m = records.get(f"distill_{method}", {}).get("metrics", {})
+        if "mse_weight" in m:
+            lines.append(f"{method}: each consistency MSE is a per-image mean weighted {m['mse_weight']:g} "
+                         "(`loss.mse_weight`; 32 is the released recipe).")
+        if "adapter_ema" in m:
+            averaged = "backbone and adapter" if m["adapter_ema"] else "backbone only, keys through the online adapter"
+            lines.append(f"retro: the mean student averages the {averaged} (`adapter.ema={str(m['adapter_ema']).lower()}`).")
+    return ["", *lines] if lines else []
+
+
 def write_report(
     out: Path, preset_name: str, preset: Mapping, records: Mapping[str, Dict], sections: Sequence[str] = (),
     verdict: Sequence[str] = (),
@@ -170,6 +184,7 @@ def write_report(
         lines += ["", "## Distillation", "", f"Teacher: {records['teacher']['metrics']['arch']} pretrained with MoCo v2 for "
                   f"{records['teacher']['metrics']['steps']} steps. Final training losses:", ""]
         lines += markdown_table(["method", "student", "steps", "loss", "terms", "img/s"], distill_rows)
+        lines += method_settings_lines(records)
         lines += ["", f"![losses]({loss_figure(out, records).name})"]
 
     evidence = frozen_feature_evidence(out, records)

@@ -165,9 +165,18 @@ def _distill(method: str):
     def run(ctx: Context, folder: Path) -> Dict:
         cfg = load_config(_distill_config(method), _distill_overrides(ctx, folder, method))
         Trainer(cfg).fit()
-        return {"method": method, "student": cfg.student.arch, "steps": cfg.train.max_steps, **_last_terms(folder)}
+        return {"method": method, "student": cfg.student.arch, "steps": cfg.train.max_steps, **method_settings(cfg),
+                **_last_terms(folder)}
 
     return run
+
+
+def method_settings(cfg) -> Dict:
+    """The settings the report states beside a method's losses: the consistency weight, Retro's mean student."""
+    settings = {"mse_weight": cfg.loss.mse_weight} if cfg.method in ("disco", "retro") else {}
+    if cfg.method == "retro":
+        settings["adapter_ema"] = cfg.adapter.ema
+    return settings
 
 
 # -- evaluation -----------------------------------------------------------------------------
