@@ -22,6 +22,7 @@ import torchvision
 
 from distill import config as distill_config
 from distill.config import load_config
+from distill.common import DISTILL_FORMAT
 from distill.engine import Trainer, build_method
 from retro_transfer.checkpoints import CheckpointError, load_teacher, safe_load
 from retro_transfer.teacher_families import FAMILIES
@@ -274,6 +275,29 @@ def byol(r50, old_mlp=False):
                                                   "online_predictor": len(predictor)}, head_has=(f"Linear 2048->{hidden}",))
 
 
+def byol_simplicial(r50, simplices=4):
+    """byol-pytorch 0.9.1's BYOL(resnet50, hidden_layer='avgpool') with its default use_simplicial_embeddings=True.
+
+    Its NetWrapper builds the projector as Sequential(Sequential(Linear(2048, L*8), BatchNorm1d), SEM, MLP(L*8, hidden, dim)),
+    SEM being a softmax over groups of 8 features at temperature 0.1 (no tensors); the predictor is a plain MLP.
+    """
+    hidden, dim, sem = 72, 40, simplices * 8
+    net = {**r50, **randomise(linear("fc", 1000, 2048), seed=11)}
+    projector = randomise({**linear("0.0", sem, 2048), **bn("0.1", sem), **linear("2.0", hidden, sem), **bn("2.1", hidden),
+                           **linear("2.3", dim, hidden)}, seed=17)
+    predictor = randomise({**linear("0", hidden, dim), **bn("1", hidden), **linear("3", dim, hidden)}, seed=13)
+    online = {**under("net.", net), **under("projector.", projector)}
+    ckpt = {**under("net.", net), **under("online_encoder.", online),
+            **under("target_encoder.", {k: stand_in(v) for k, v in online.items()}), **under("online_predictor.", predictor)}
+    x = mlp(projector, resnet_features(r50, IMAGES), [("linear", "0.0"), ("bn", "0.1")])
+    x = torch.softmax(x.reshape(len(x), simplices, 8) / 0.1, dim=-1).reshape(len(x), sem)
+    embedding = mlp(projector, x, [("linear", "2.0"), ("bn", "2.1"), ("act", ""), ("linear", "2.3")])
+    return Case("byol", ckpt, embedding, ignored={"net": len(net), "online_encoder.net.fc": 2, "target_encoder": len(online),
+                                                  "online_predictor": len(predictor)},
+                head_has=(f"Linear 2048->{sem}, BN, simplicial embedding ({simplices} simplices of 8, temperature 0.1), "
+                          f"Linear {sem}->{hidden}, BN, ReLU, Linear {hidden}->{dim}",))
+
+
 CASES = {
     "moco_v2": moco_v2,
     "moco_v3": moco_v3,
@@ -285,6 +309,7 @@ CASES = {
     "simclr-v1-pytorch": simclr_v1,
     "byol": byol,
     "byol-before-0.6": lambda r50: byol(r50, old_mlp=True),
+    "byol-0.9-simplicial-embeddings": byol_simplicial,
 }
 
 
@@ -331,6 +356,20 @@ def test_official_layout_loads_and_embeds_exactly(name, r50, tmp_path):
         embedding = teacher(IMAGES)
     assert (teacher.head.in_dim, teacher.head.out_dim) == (teacher.out_channels, case.embedding.shape[1])
     torch.testing.assert_close(embedding, case.embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_a_simplicial_embedding_head_survives_a_distillation_checkpoint(r50, tmp_path):
+    """The teacher as this project's checkpoints store it (``teacher.*`` under ``model``) embeds as the byol-pytorch file does."""
+    case = byol_simplicial(r50)
+    torch.save(case.ckpt, tmp_path / "byol.pt")
+    teacher, _ = load_teacher(tmp_path / "byol.pt", require_head=True)
+    saved = {"format": DISTILL_FORMAT,
+             "model": {f"teacher.{k}": v for k, v in teacher.state_dict().items()}, "teacher_arch": "resnet50"}
+    torch.save(saved, tmp_path / "distilled.pth")
+    again, report = load_teacher(tmp_path / "distilled.pth", require_head=True)
+    assert report.format == "retro_transfer_teacher" and "simplicial embedding" in report.head
+    with torch.no_grad():
+        torch.testing.assert_close(again(IMAGES), case.embedding, rtol=1e-4, atol=1e-5)
 
 
 def test_swav_resnet50_w2(tmp_path):

@@ -95,6 +95,72 @@ class NormalizedMLPHead(nn.Module):
         return f"{self.mlp.describe()}, L2-normalised"
 
 
+class SimplicialEmbedding(nn.Module):
+    """Simplicial embeddings (Lavoie et al., 2022): features cut into groups of ``simplex``, a softmax over each.
+
+    The softmax runs at ``temperature``. Neither number is stored in a state
+    dict, so a head loaded from a file takes byol-pytorch's defaults (simplices
+    of 8, temperature 0.1); the number of simplices follows from the widths.
+    """
+
+    def __init__(self, simplex: int = 8, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.simplex, self.temperature = simplex, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.unflatten(1, (-1, self.simplex)) / self.temperature).softmax(dim=-1).flatten(1)
+
+
+class SimplicialMLPHead(nn.Sequential):
+    """byol-pytorch's projector with simplicial embeddings, on by default from its 0.9 releases.
+
+    ``Sequential(Sequential(Linear(C, L*V), BN), SEM, MLP)``: an embedder, the
+    simplicial embedding and the usual MLP (Linear - BN - ReLU - Linear), so
+    its parameters are named ``0.0.*``, ``0.1.*``, ``2.0.*`` ... exactly as in
+    the file. Still an MLP head for Retro: it takes the pooled features and
+    gives the embedding.
+    """
+
+    def __init__(self, embedder: MLPHead, mlp: MLPHead, sem: Optional[SimplicialEmbedding] = None) -> None:
+        sem = sem or SimplicialEmbedding()
+        if embedder.out_dim % sem.simplex or mlp.in_dim != embedder.out_dim:
+            raise ValueError(
+                f"a simplicial-embedding projector maps its input to L x {sem.simplex} features that its MLP takes; "
+                f"this one's embedder gives {embedder.out_dim} and its MLP takes {mlp.in_dim}"
+            )
+        super().__init__(embedder, sem, mlp)
+        self.in_dim, self.hidden_dim, self.out_dim = embedder.in_dim, mlp.hidden_dim, mlp.out_dim
+
+    @staticmethod
+    def holds(state: Dict[str, torch.Tensor]) -> bool:
+        """Whether ``state`` is laid out as this head (``0.0.weight``: a module inside a numbered module)."""
+        return any(len(parts) > 2 and parts[0].isdigit() and parts[1].isdigit() for parts in (k.split(".") for k in state))
+
+    @classmethod
+    def from_state(
+        cls, state: Dict[str, torch.Tensor], activation: Callable[[], nn.Module], bias: Optional[bool],
+        last_bn_affine: Optional[bool] = True,
+    ) -> "SimplicialMLPHead":
+        """The head whose ``0.*`` tensors are the embedder and ``2.*`` the MLP; see :meth:`MLPHead.from_state`."""
+        parts: Dict[str, Dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            index, _, rest = key.partition(".")
+            parts.setdefault(index, {})[rest] = value
+        if set(parts) != {"0", "2"}:
+            raise ValueError(
+                "a projector with simplicial embeddings holds modules 0 (Linear, BN) and 2 (the MLP), "
+                f"this one {', '.join(sorted(parts))}"
+            )
+        return cls(MLPHead.from_state(parts["0"], activation, bias, last_bn_affine),
+                   MLPHead.from_state(parts["2"], activation, bias, last_bn_affine))
+
+    def describe(self) -> str:
+        embedder, sem, mlp = self
+        simplices = embedder.out_dim // sem.simplex
+        return (f"{embedder.describe()}, simplicial embedding ({simplices} simplices of {sem.simplex}, "
+                f"temperature {sem.temperature:g}), {mlp.describe()}")
+
+
 class ProjectionHead(MLPHead):
     """The MoCo v2 head (Chen et al., 2020, "Improved baselines", section 3): Linear(in, hidden) - ReLU - Linear(hidden, out)."""
 

@@ -2,8 +2,9 @@
 
 A distillation checkpoint written by ``distill.engine`` holds the teacher it
 used under ``model``/``teacher.*``, with the head as the loader built it:
-DINO's under ``mlp.`` (GELU, L2-normalised output), every other family's a
-ReLU MLP, so the names alone say how to rebuild it. A torchvision state dict
+DINO's under ``mlp.`` (GELU, L2-normalised output), byol-pytorch 0.9's with
+its simplicial embedding under ``0.0.``/``2.0.`` (modules inside modules),
+every other family's a ReLU MLP, so the names alone say how to rebuild it. A torchvision state dict
 (a supervised classifier, or a backbone-only release such as
 ``dino_resnet50_pretrain.pth``) has no projection head; ``fc`` is its classifier.
 """
@@ -15,12 +16,14 @@ import torch.nn as nn
 
 from distill.common import DISTILL_FORMAT
 
-from ..models.heads import MLPHead, NormalizedMLPHead
+from ..models.heads import MLPHead, NormalizedMLPHead, SimplicialMLPHead
 from ._layout import Part, TeacherLayout, ddp_wrapper, has_prefix, not_under, state_dict_of
 
 
 
 def _saved_head(state: Dict[str, torch.Tensor]) -> nn.Module:
+    if SimplicialMLPHead.holds(state):  # byol-pytorch >= 0.9's projector
+        return SimplicialMLPHead.from_state(state, nn.ReLU, bias=None, last_bn_affine=None)
     if any(k.startswith("mlp.") for k in state):
         mlp = {k[len("mlp.") :]: v for k, v in state.items()}
         return NormalizedMLPHead(MLPHead.from_state(mlp, nn.GELU, bias=None, last_bn_affine=None))

@@ -10,13 +10,19 @@ online encoder: ``online_encoder.net``, a torchvision ResNet read at its
 pooled features (its ``fc`` is unused), and the projector MLP Linear(C, 4096) -
 BN - ReLU - Linear(4096, 256), named ``projector.0..3`` (``projector.net.0..3``
 before byol-pytorch 0.6). ``net`` is the same network stored a second time.
+
+From byol-pytorch 0.9 (``use_simplicial_embeddings=True`` by default) the
+projector is ``Sequential(Sequential(Linear(C, 256), BN), SEM, MLP(256, 4096, 256))``,
+named ``projector.0.0``, ``projector.0.1`` and ``projector.2.0..3``, where SEM
+is a softmax over groups of 8 features at temperature 0.1 (its defaults, which
+the file does not store). That head is rebuilt as a ``SimplicialMLPHead``.
 """
 
 from typing import Mapping, Optional
 
 import torch.nn as nn
 
-from ..models.heads import MLPHead
+from ..models.heads import MLPHead, SimplicialMLPHead
 from ._layout import Part, TeacherLayout, has_prefix, not_under, state_dict_of
 
 NAME = "byol"
@@ -43,7 +49,7 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
         state,
         backbone=Part(outer + "online_encoder.net.", accept=not_under("fc"), note="without fc (unused by BYOL)"),
         head=Part(projector),
-        build_head=lambda head: MLPHead.from_state(head, nn.ReLU, bias=True),
+        build_head=_projector,
         entries=entries,
         wrapper=outer,
         reasons={
@@ -53,3 +59,9 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
             "online_predictor": "predictor, applied after the embedding",
         },
     )
+
+
+def _projector(state):
+    """The projector MLP, with the simplicial embedding in front when the file has one (byol-pytorch >= 0.9)."""
+    layout = SimplicialMLPHead if SimplicialMLPHead.holds(state) else MLPHead
+    return layout.from_state(state, nn.ReLU, bias=True)
