@@ -256,7 +256,9 @@ class OfficialStyle:
         with torch.no_grad():
             ema_update(m.student_ema, m.student, m.momentum)
             if m.name == "retro":
-                return m.embed(m.student_ema(x))
+                if m.adapter_ema is not None:
+                    ema_update(m.adapter_ema, m.adapter, m.momentum)
+                return m.embed(m.student_ema(x), m.key_adapter)
             ema_update(m.head_ema, m.head, m.momentum)
             return unit(m.head_ema(pooled(m.student_ema(x))))
 
@@ -329,7 +331,7 @@ def mean_part(s: Setup) -> None:
     m, key_view = s.method, s.views[-1]
     with torch.no_grad(), s.autocast():
         if m.name == "retro":
-            m.embed(m.student_ema(key_view))
+            m.embed(m.student_ema(key_view), m.key_adapter)
         else:
             unit(m.head_ema(pooled(m.student_ema(key_view))))
 
