@@ -68,7 +68,7 @@ class Retro(DistillMethod):
 
     def embed(self, feature_map: torch.Tensor, adapter: Optional[nn.Module] = None) -> torch.Tensor:
         """n(H_T(pool(A(feature_map)))): the student's embedding in the teacher's space (A: the online adapter by default)."""
-        return unit(self.teacher.head(pooled((adapter or self.adapter)(feature_map))))
+        return unit(self.teacher.head(pooled((self.adapter if adapter is None else adapter)(feature_map))))
 
     @property
     def key_adapter(self) -> nn.Module:
