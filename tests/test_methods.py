@@ -290,7 +290,8 @@ def test_retro_online_adapter_bn_statistics_move_only_in_its_own_passes(teacher,
     else:
         assert gap > 1e-3, "the key passes must have moved the online statistics"
     if adapter_ema:
-        assert all(int(bn.num_batches_tracked) == 2 for bn in _adapter_bns(method.adapter_ema)), "A' normalised the 2 key sub-batches"
+        key_passes = [int(bn.num_batches_tracked) for bn in _adapter_bns(method.adapter_ema)]
+        assert set(key_passes) == {2}, "A' normalised the 2 key sub-batches"
 
 
 def test_queue_is_fifo():
