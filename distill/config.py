@@ -337,14 +337,6 @@ class Config(_Section):
         """Whether the method distils from ``teacher.checkpoint`` (moco_v2 does not)."""
         return self.method in TEACHER_METHODS
 
-    def student_head_hidden(self, c_student: int) -> Optional[int]:
-        """Hidden width of the student head; None for Retro, which reuses the teacher's head."""
-        if self.method == "retro":
-            return None
-        if self.student.head_hidden is not None:
-            return self.student.head_hidden
-        return 2048 if self.method == "disco" else c_student
-
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict of every key (what a checkpoint stores)."""
         return dataclasses.asdict(self)

@@ -92,44 +92,14 @@ def build_method(cfg: Config, bn_splits: int = 1) -> DistillMethod:
     """The method of ``cfg`` with its student, and its frozen teacher when it needs one."""
     student = build_student(cfg.student.arch)
     cls = METHODS[cfg.method]
-    if not cls.needs_teacher:
-        return cls(
-            student,
-            head_hidden=cfg.student.head_hidden,
-            dim=cfg.student.head_dim,
-            queue_size=cfg.loss.queue_size,
-            temperature=cfg.loss.temperature,
-            momentum=cfg.loss.momentum,
-            shuffle_bn=cfg.train.shuffle_bn,
-            bn_splits=bn_splits,
-        )
-    if not cfg.teacher.checkpoint:
-        raise ConfigError(f"method {cfg.method} needs a teacher: set teacher.checkpoint=PATH")
-    teacher, report = load_teacher(cfg.teacher.checkpoint, arch=cfg.teacher.arch, require_head=True, family=cfg.teacher.family)
-    if dist_utils.is_main_process():
-        print(report.summary())
-    common = dict(teacher_bn_train=cfg.teacher.bn_train_mode, queue_size=cfg.loss.queue_size, temperature=cfg.loss.temperature)
-    if cfg.method == "seed":
-        return cls(
-            student,
-            teacher,
-            head_hidden=cfg.student.head_hidden,
-            dim=teacher.head.out_dim,
-            teacher_temperature=cfg.loss.teacher_temperature,
-            **common,
-        )
-    consistency = dict(
-        momentum=cfg.loss.momentum,
-        mse_weight=cfg.loss.mse_weight,
-        shuffle_bn=cfg.train.shuffle_bn,
-        bn_splits=bn_splits,
-    )
-    if cfg.method == "disco":
-        return cls(student, teacher, head_hidden=cfg.student.head_hidden or 2048, dim=teacher.head.out_dim, **common, **consistency)
-    method = cls(student, teacher, adapter_kind=cfg.adapter.kind, adapter_ema=cfg.adapter.ema, **common, **consistency)
-    adapter_out = [m for m in method.adapter.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
-    check_adapter_widths(student.out_channels, teacher.head.in_dim, adapter_out)
-    return method
+    teacher = None
+    if cls.needs_teacher:
+        if not cfg.teacher.checkpoint:
+            raise ConfigError(f"method {cfg.method} needs a teacher: set teacher.checkpoint=PATH")
+        teacher, report = load_teacher(cfg.teacher.checkpoint, arch=cfg.teacher.arch, require_head=True, family=cfg.teacher.family)
+        if dist_utils.is_main_process():
+            print(report.summary())
+    return cls.from_config(cfg, student, teacher, bn_splits)
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int, schedule: str) -> float:

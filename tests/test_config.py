@@ -404,14 +404,6 @@ def test_missing_required_keys_are_named():
         Config.from_dict({"method": "moco_v2", "train": {"max_steps": 1}})
 
 
-def test_method_defaults_for_the_student_head():
-    assert _load("method=moco_v2").student_head_hidden(1280) == 1280
-    assert _load("method=seed").student_head_hidden(1280) == 1280
-    assert _load("method=disco").student_head_hidden(1280) == 2048
-    assert _load("method=retro").student_head_hidden(1280) is None
-    assert _load("method=moco_v2", "student.head_hidden=512").student_head_hidden(1280) == 512
-
-
 def test_lr_is_scaled_from_batch_256():
     assert _load("train.lr=0.03", "train.batch_size=512", "loss.queue_size=1024").train.scaled_lr == pytest.approx(0.06)
 

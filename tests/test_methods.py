@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ import torchvision
 from distill.data import MultiViewImages, list_images, moco_v2_augmentation
 from distill.losses import consistency_mse, info_nce, seed_loss, similarity_logits
 from distill.methods.base import unit
-from distill.methods import SEED, DisCo, MoCoV2, Retro
+from distill.methods import METHODS, SEED, DisCo, MoCoV2, Retro
 from distill.queue import EmbeddingQueue
 from retro_transfer.checkpoints import load_teacher
 from retro_transfer.models import build_student, build_teacher
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distill"
 
 
 def _softmax(values):
@@ -505,3 +508,30 @@ def test_a_step_allocates_no_copy_of_the_queue_and_keeps_exact_gradients():
     for (name, a), b in zip(method.named_parameters(), twin.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "method, overrides, hidden",
+    [("moco_v2", [], 512), ("seed", [], 512), ("disco", [], 2048), ("moco_v2", ["student.head_hidden=256"], 256)],
+)  # fmt: skip
+def test_each_method_builds_itself_from_the_config(method, overrides, hidden, teacher):
+    """A method reads its own keys: the student head's width (DisCo's wide default), the queue, the temperatures."""
+    from distill.config import load_config
+
+    cfg = load_config(
+        CONFIGS / f"shapes_{method}_effb0.yaml",
+        ["student.arch=resnet18", "loss.queue_size=64", "loss.temperature=0.3", *overrides],
+        check_paths=False,
+    )
+    built = METHODS[method].from_config(cfg, build_student("resnet18"), None if method == "moco_v2" else teacher, 2)
+    assert isinstance(built, METHODS[method])
+    assert built.head.hidden_dim == hidden
+    assert built.queue.negatives().shape[0] == 64 and built.temperature == 0.3
+
+
+def test_retro_builds_itself_with_the_adapter_the_config_asks_for(teacher):
+    from distill.config import load_config
+
+    cfg = load_config(CONFIGS / "shapes_retro_effb0.yaml", ["student.arch=resnet18", "adapter.ema=false"], check_paths=False)
+    built = Retro.from_config(cfg, build_student("resnet18"), teacher, 1)
+    assert built.adapter_ema is None and type(built.adapter).__name__ == "BottleneckAdapter"

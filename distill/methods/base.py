@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from retro_transfer.models import Student, Teacher
 
+from ..config import Config
 from ..distributed import batch_shuffle, batch_unshuffle, is_distributed
 from ..losses import full_precision
 
@@ -87,6 +88,15 @@ class DistillMethod(nn.Module):
         if self.teacher is not None and not self.teacher_bn_train:
             self.teacher.eval()
         return self
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: Student, teacher: Optional[Teacher], bn_splits: int) -> "DistillMethod":
+        """The method a run's config describes, around ``student`` and ``teacher`` (None for a method without one).
+
+        Each method reads the keys it has; ``bn_splits`` is the engine's
+        resolved split-BN count (it depends on the process count).
+        """
+        raise NotImplementedError  # pragma: no cover
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,32 +1,31 @@
 """DisCo: MoCo v2 on the student plus consistency with the teacher's embeddings."""
 
-from typing import Dict
+from typing import Dict, Iterable, Tuple
 
 import torch
+import torch.nn as nn
 
 from retro_transfer.models import ProjectionHead, Student, Teacher
 
-from ..ema import ema_update, make_mean_copy
-from ..losses import consistency_mse, info_nce
-from ..queue import EmbeddingQueue
-from .base import DistillMethod, pooled, unit
+from ..config import Config
+from ..ema import make_mean_copy
+from .base import pooled, unit
+from .consistency import MeanStudentConsistency
 
 
-class DisCo(DistillMethod):
+class DisCo(MeanStudentConsistency):
     """Gao et al., 2022 (ECCV), section 3.
 
         q = n(H_S(S(x1))),  q2 = n(H_S(S(x2))),  k = n(H_S'(S'(x2))),  t_i = n(H_T(T(x_i)))
         L = InfoNCE(q, k) + w * (MSE(t1, q) + MSE(t2, q2))
 
-    MSE is the squared distance summed over embedding dimensions and averaged
-    over the images, so w does not depend on the batch or the process count.
-    The released code sums over each GPU's 32 images (``MSELoss(reduction='sum')``)
-    and averages the gradients over GPUs, which is w = 32 here, on any number
-    of processes. H_S is wide (hidden 2048 by default): the paper's fix for
-    the distilling bottleneck.
+    (S', H_S') = EMA(S, H_S; m); the step and the weight w are
+    :class:`MeanStudentConsistency`'s. H_S is wide (hidden 2048 by default):
+    the paper's fix for the distilling bottleneck.
     """
 
     name = "disco"
+    head_hidden = 2048  # H_S's hidden width when student.head_hidden is not set
 
     def __init__(
         self,
@@ -42,27 +41,23 @@ class DisCo(DistillMethod):
         mse_weight: float = 1.0,
         teacher_bn_train: bool = False,
     ) -> None:
-        super().__init__(student, teacher, teacher_bn_train, shuffle_bn, bn_splits)
-        self.head = ProjectionHead(student.out_channels, head_hidden, dim)
-        self.student_ema = make_mean_copy(student)
-        self.head_ema = make_mean_copy(self.head)
-        self.queue = EmbeddingQueue(queue_size, dim)
-        self.temperature, self.momentum = temperature, momentum
-        self.mse_weight = mse_weight
+        head = ProjectionHead(student.out_channels, head_hidden, dim)
+        super().__init__(student, teacher, dim, queue_size, temperature, momentum, shuffle_bn, bn_splits, mse_weight, teacher_bn_train)
+        self.head = head
+        self.head_ema = make_mean_copy(head)
+
+    @classmethod
+    def own_arguments(cls, cfg: Config, student: Student, teacher: Teacher) -> Dict:
+        return {"head_hidden": cfg.student.head_hidden or cls.head_hidden, "dim": teacher.head.out_dim}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return unit(self.head(pooled(self.student(x))))
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, teacher=None) -> Dict[str, torch.Tensor]:
-        """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
-        t1, t2 = self.teacher_embeddings(x1, x2, cached=teacher)
-        q, q2 = self.embed(x1), self.embed(x2)
-        with torch.no_grad():
-            ema_update(self.student_ema, self.student, self.momentum)
-            ema_update(self.head_ema, self.head, self.momentum)
-            k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
-        contrast = info_nce(q, k, self.queue.negatives(), self.temperature)
-        mse1, mse2 = consistency_mse(q, t1), consistency_mse(q2, t2)
-        self.queue.enqueue(k)
-        loss = contrast + self.mse_weight * (mse1 + mse2)
-        return {"loss": loss, "infonce": contrast.detach(), "mse1": mse1.detach(), "mse2": mse2.detach()}
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        return unit(self.head_ema(pooled(self.student_ema(x))))
+
+    def averaged(self) -> Iterable[Tuple[nn.Module, nn.Module]]:
+        return [(self.student_ema, self.student), (self.head_ema, self.head)]

@@ -4,8 +4,9 @@ from typing import Dict, Optional
 
 import torch
 
-from retro_transfer.models import ProjectionHead, Student
+from retro_transfer.models import ProjectionHead, Student, Teacher
 
+from ..config import Config
 from ..ema import ema_update, make_mean_copy
 from ..losses import info_nce
 from ..queue import EmbeddingQueue
@@ -41,6 +42,19 @@ class MoCoV2(DistillMethod):
         self.head_ema = make_mean_copy(self.head)
         self.queue = EmbeddingQueue(queue_size, dim)
         self.temperature, self.momentum = temperature, momentum
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: Student, teacher: Optional[Teacher] = None, bn_splits: int = 1) -> "MoCoV2":
+        return cls(
+            student,
+            head_hidden=cfg.student.head_hidden,
+            dim=cfg.student.head_dim,
+            queue_size=cfg.loss.queue_size,
+            temperature=cfg.loss.temperature,
+            momentum=cfg.loss.momentum,
+            shuffle_bn=cfg.train.shuffle_bn,
+            bn_splits=bn_splits,
+        )
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> Dict[str, torch.Tensor]:
         q = unit(self.head(pooled(self.student(x1))))

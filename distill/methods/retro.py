@@ -1,19 +1,19 @@
 """Retro: the student reuses the teacher's frozen projection head through an adapter."""
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from retro_transfer.models import Student, Teacher, build_adapter
 
-from ..ema import ema_update, make_mean_copy
-from ..losses import consistency_mse, info_nce
-from ..queue import EmbeddingQueue
-from .base import DistillMethod, pooled, unit
+from ..config import Config, check_adapter_widths
+from ..ema import make_mean_copy
+from .base import pooled, unit
+from .consistency import MeanStudentConsistency
 
 
-class Retro(DistillMethod):
+class Retro(MeanStudentConsistency):
     """Nguyen and Park, 2024 ("Reusing teacher projection head"), section 3 and Figure 5.
 
         q  = n(H_T(pool(A(S(x1))))),     q2 = n(H_T(pool(A(S(x2)))))
@@ -21,8 +21,8 @@ class Retro(DistillMethod):
         t_i = n(H_T(T(x_i)))
         L  = InfoNCE(q, k) + w * (MSE(t1, q) + MSE(t2, q2))
 
-    MSE is the squared distance summed over embedding dimensions and averaged
-    over the images; w = 32 is the released recipe (see ``DisCo``).
+    The step and the weight w (32: the released recipe) are
+    :class:`MeanStudentConsistency`'s.
 
     The mean student is the EMA of every trainable part, backbone and adapter,
     with the frozen H_T shared, as DisCo's released builder averages every
@@ -57,14 +57,26 @@ class Retro(DistillMethod):
                 "Retro reuses the teacher's projection head, and this teacher has none: "
                 "load a MoCo v2 pretraining checkpoint (it holds the head as fc.0/fc.2)"
             )
-        super().__init__(student, teacher, teacher_bn_train, shuffle_bn, bn_splits)
-        self.adapter: nn.Module = build_adapter(student.arch, student.out_channels, teacher.out_channels, adapter_kind)
-        self.student_ema = make_mean_copy(student)
+        adapter = build_adapter(student.arch, student.out_channels, teacher.out_channels, adapter_kind)
+        super().__init__(
+            student, teacher, teacher.head.out_dim, queue_size, temperature, momentum, shuffle_bn, bn_splits, mse_weight,
+            teacher_bn_train,
+        )  # fmt: skip
+        self.adapter: nn.Module = adapter
         # None when the keys go through the online adapter; checkpoints then hold no adapter_ema.* tensors.
-        self.adapter_ema: Optional[nn.Module] = make_mean_copy(self.adapter) if adapter_ema else None
-        self.queue = EmbeddingQueue(queue_size, teacher.head.out_dim)
-        self.temperature, self.momentum = temperature, momentum
-        self.mse_weight = mse_weight
+        self.adapter_ema: Optional[nn.Module] = make_mean_copy(adapter) if adapter_ema else None
+
+    @classmethod
+    def own_arguments(cls, cfg: Config, student: Student, teacher: Teacher) -> Dict:
+        return {"adapter_kind": cfg.adapter.kind, "adapter_ema": cfg.adapter.ema}
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: Student, teacher: Optional[Teacher], bn_splits: int) -> "Retro":
+        """As every method, and the adapter's output must be what the teacher's head takes."""
+        method = super().from_config(cfg, student, teacher, bn_splits)
+        adapter_out = [m for m in method.adapter.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        check_adapter_widths(student.out_channels, teacher.head.in_dim, adapter_out)
+        return method
 
     def embed(self, feature_map: torch.Tensor, adapter: Optional[nn.Module] = None) -> torch.Tensor:
         """n(H_T(pool(A(feature_map)))): the student's embedding in the teacher's space (A: the online adapter by default)."""
@@ -80,17 +92,12 @@ class Retro(DistillMethod):
         fmap = self.student(x)
         return {"backbone": pooled(fmap), "adapter": pooled(self.adapter(fmap))}
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, teacher=None) -> Dict[str, torch.Tensor]:
-        """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
-        t1, t2 = self.teacher_embeddings(x1, x2, cached=teacher)
-        q, q2 = self.embed(self.student(x1)), self.embed(self.student(x2))
-        with torch.no_grad():
-            ema_update(self.student_ema, self.student, self.momentum)
-            if self.adapter_ema is not None:
-                ema_update(self.adapter_ema, self.adapter, self.momentum)
-            k = self.keys(lambda x: self.embed(self.student_ema(x), self.key_adapter), x2)
-        contrast = info_nce(q, k, self.queue.negatives(), self.temperature)
-        mse1, mse2 = consistency_mse(q, t1), consistency_mse(q2, t2)
-        self.queue.enqueue(k)
-        loss = contrast + self.mse_weight * (mse1 + mse2)
-        return {"loss": loss, "infonce": contrast.detach(), "mse1": mse1.detach(), "mse2": mse2.detach()}
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.student(x))
+
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.student_ema(x), self.key_adapter)
+
+    def averaged(self) -> Iterable[Tuple[nn.Module, nn.Module]]:
+        pairs = [(self.student_ema, self.student)]
+        return pairs if self.adapter_ema is None else pairs + [(self.adapter_ema, self.adapter)]

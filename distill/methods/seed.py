@@ -6,6 +6,7 @@ import torch
 
 from retro_transfer.models import ProjectionHead, Student, Teacher
 
+from ..config import Config
 from ..losses import seed_loss
 from ..queue import EmbeddingQueue
 from .base import DistillMethod, pooled, unit
@@ -39,6 +40,19 @@ class SEED(DistillMethod):
         self.head = ProjectionHead(student.out_channels, head_hidden or student.out_channels, dim)
         self.queue = EmbeddingQueue(queue_size, dim)
         self.temperature, self.teacher_temperature = temperature, teacher_temperature
+
+    @classmethod
+    def from_config(cls, cfg: Config, student: Student, teacher: Optional[Teacher], bn_splits: int = 1) -> "SEED":
+        return cls(
+            student,
+            teacher,
+            head_hidden=cfg.student.head_hidden,
+            dim=teacher.head.out_dim,
+            queue_size=cfg.loss.queue_size,
+            temperature=cfg.loss.temperature,
+            teacher_temperature=cfg.loss.teacher_temperature,
+            teacher_bn_train=cfg.teacher.bn_train_mode,
+        )
 
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None, teacher=None) -> Dict[str, torch.Tensor]:
         """``teacher``: the teacher's embeddings of the views, read from a teacher cache (None: run the teacher)."""
