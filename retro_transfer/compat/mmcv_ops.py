@@ -45,44 +45,90 @@ def compiled_mmcv_available() -> bool:
         return False
 
 
+# Submodules mmdet/mmseg import by path (``from mmcv.ops.nms import batched_nms``),
+# served by the stand-in; any other ``mmcv.ops.X`` is a module of unavailable ops.
+_PROVIDED = {
+    "nms": ("nms", "batched_nms"),
+    "roi_align": ("roi_align", "RoIAlign"),
+    "roi_pool": ("roi_pool", "RoIPool"),
+    "focal_loss": ("sigmoid_focal_loss",),
+}
+
+
+def _load_point_sample() -> ModuleType:
+    """mmcv's own ``point_sample.py`` (pure PyTorch), loaded by path as ``mmcv.ops.point_sample``."""
+    name = f"{MODULE}.point_sample"
+    if name in sys.modules:
+        return sys.modules[name]
+    mmcv_dir = Path(importlib.util.find_spec("mmcv").origin).parent
+    spec = importlib.util.spec_from_file_location(name, mmcv_dir / "ops" / "point_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _unavailable_getattr(module: ModuleType):
+    """A module ``__getattr__`` that hands out (and caches) stand-ins raising when used."""
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        from retro_transfer.compat.detection_ops import unavailable
+
+        stand_in = unavailable(name)
+        setattr(module, name, stand_in)
+        return stand_in
+
+    return __getattr__
+
+
+def _provided() -> dict:
+    """Name -> the stand-in's implementation, for every op it runs."""
+    from retro_transfer.compat import detection_ops as ops
+    from retro_transfer.compat.focal_loss import sigmoid_focal_loss
+
+    return {"nms": ops.nms, "batched_nms": ops.batched_nms, "roi_align": ops.roi_align, "RoIAlign": ops.RoIAlign,
+            "roi_pool": ops.roi_pool, "RoIPool": ops.RoIPool, "sigmoid_focal_loss": sigmoid_focal_loss}
+
+
 class _StandInLoader(importlib.abc.Loader):
     def create_module(self, spec):
         return None  # default module creation
 
     def exec_module(self, module: ModuleType) -> None:
-        mmcv_dir = Path(importlib.util.find_spec("mmcv").origin).parent
-        source = mmcv_dir / "ops" / "point_sample.py"
-        point_spec = importlib.util.spec_from_file_location(f"{MODULE}.point_sample", source)
-        point_module = importlib.util.module_from_spec(point_spec)
-        sys.modules[point_spec.name] = point_module
-        point_spec.loader.exec_module(point_module)
-
-        module.point_sample = point_module.point_sample
-        from retro_transfer.compat.focal_loss import sigmoid_focal_loss
-
-        module.sigmoid_focal_loss = sigmoid_focal_loss
+        provided = _provided()
+        sub = module.__name__[len(MODULE) + 1:]
+        if sub:  # mmcv.ops.X: its provided names, stand-ins for the rest
+            names = _PROVIDED.get(sub, ())
+        else:  # the package: every provided op, and mmcv's pure-PyTorch point sampling
+            names = tuple(provided)
+            # Load the submodules first, as mmcv's __init__ does: importing one
+            # later would rebind e.g. ``mmcv.ops.nms`` from the function to the module.
+            for submodule in _PROVIDED:
+                importlib.import_module(f"{MODULE}.{submodule}")
+            point_sample = _load_point_sample()
+            for name in dir(point_sample):
+                value = getattr(point_sample, name)
+                if callable(value) and getattr(value, "__module__", None) == point_sample.__name__:
+                    setattr(module, name, value)
+        for name in names:
+            setattr(module, name, provided[name])
         module.__retro_transfer_stand_in__ = True
-
-        def __getattr__(name: str):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise ModuleNotFoundError(
-                f"mmcv.ops.{name} needs mmcv's compiled extension, which this install (mmcv-lite) "
-                "does not have; retro-transfer provides only point_sample and sigmoid_focal_loss. "
-                "Install the full mmcv to use it.",
-                name=f"{MODULE}.{name}",
-            )
-
-        module.__getattr__ = __getattr__
+        module.__getattr__ = _unavailable_getattr(module)
 
 
 class MmcvOpsStandInFinder(importlib.abc.MetaPathFinder):
-    """Answers ``import mmcv.ops`` with the stand-in when mmcv has no compiled ops."""
+    """Answers ``import mmcv.ops`` (and ``mmcv.ops.X``) with the stand-in when mmcv has no compiled ops."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != MODULE or compiled_mmcv_available():
+        if not (fullname == MODULE or fullname.startswith(MODULE + ".")) or compiled_mmcv_available():
             return None
-        return importlib.machinery.ModuleSpec(MODULE, _StandInLoader(), origin=__file__)
+        if fullname == f"{MODULE}.point_sample":
+            return importlib.util.spec_from_file_location(
+                fullname, Path(importlib.util.find_spec("mmcv").origin).parent / "ops" / "point_sample.py")
+        is_package = fullname == MODULE
+        return importlib.machinery.ModuleSpec(fullname, _StandInLoader(), origin=__file__, is_package=is_package)
 
 
 def install() -> None:
