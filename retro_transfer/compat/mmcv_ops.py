@@ -4,23 +4,28 @@ MMSegmentation 1.2.2 imports ``mmcv.ops`` unguarded in four modules (point
 sampling and focal loss), so ``import mmseg.models`` fails with mmcv-lite,
 which has no ``mmcv._ext``. Building the full mmcv takes ~45 min on two cores,
 and none of the heads this project uses (FCN, DeepLabV3(+), UPerNet) need the
-compiled ops. The stand-in provides exactly what those unguarded imports use:
+compiled ops. MMDetection 3.3 goes further: ``import mmdet.models`` imports
+about twenty ``mmcv.ops`` names, and Faster/Mask R-CNN run four of them. The
+stand-in is a package (``mmcv.ops`` and any ``mmcv.ops.X``) that provides:
 
-* ``point_sample``: mmcv's own pure-PyTorch implementation, loaded by path
-  from ``mmcv/ops/point_sample.py`` (that file does not touch ``_ext``);
+* ``point_sample`` and its helpers: mmcv's own pure-PyTorch implementation,
+  loaded by path from ``mmcv/ops/point_sample.py`` (that file does not touch ``_ext``);
 * ``sigmoid_focal_loss``: :mod:`retro_transfer.compat.focal_loss`, with the semantics of mmcv's CUDA
-  kernel (class-index targets, ``num_classes`` meaning background).
+  kernel (class-index targets, ``num_classes`` meaning background);
+* ``nms``, ``batched_nms``, ``RoIAlign``/``roi_align``, ``RoIPool``/``roi_pool``:
+  :mod:`retro_transfer.compat.detection_ops`, on torchvision's kernels.
 
-Any other name raises ``ModuleNotFoundError``, which is what mmseg's guarded
-imports (``try: from mmcv.ops import X / except ModuleNotFoundError``) expect.
-When a compiled mmcv is installed the finder steps aside and the real
-``mmcv.ops`` loads.
+Any other name (``DeformConv2d``, ``MultiScaleDeformableAttention``,
+``mmcv.ops.carafe.CARAFEPack``...) imports as a class that can be subclassed
+(mmcv and MMDetection do so at import time) but raises one line naming the
+compiled mmcv when it is built or called. When a compiled mmcv is installed
+the finder steps aside and the real ``mmcv.ops`` loads.
 
 This module imports nothing heavy: it runs at every interpreter start-up
 through the ``.pth`` hook, so torch is imported only when ``mmcv.ops`` is.
 
 Activation: :func:`install` adds a meta-path finder that answers only for
-``mmcv.ops``; ``retro_transfer.mmseg`` calls it on import, and ``make setup``
+``mmcv.ops`` and its submodules; ``retro_transfer.mmseg`` calls it on import, and ``make setup``
 writes a one-line ``.pth`` (``python -m retro_transfer.compat --install-pth``) so that a bare ``import mmseg.models`` works in the venv too.
 """
 
