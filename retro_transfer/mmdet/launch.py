@@ -21,7 +21,7 @@ from mmengine.runner import Runner
 
 from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError, safe_load
 from retro_transfer.mmseg import launch as _openmmlab
-from retro_transfer.mmseg.backbones import MMSEG_FORMAT
+from retro_transfer.mmseg.backbones import MMSEG_FORMAT, not_converted_message
 from retro_transfer.mmseg.checks import DataError, checkpoint_to_load
 
 # The steps shared with the segmentation tools, under the names the detection tools use.
@@ -184,9 +184,31 @@ def _runner(cfg: Config) -> Runner:
     return runner
 
 
+def check_converted(cfg: Config) -> None:
+    """Refuse, before the Runner starts, a backbone file that is not a converted (or OpenMMLab) checkpoint.
+
+    It is read with ``weights_only`` loading, so a file that is not plain
+    weights is refused here too. The backbone's strict load later checks
+    every tensor; this check only saves building a Runner to learn that the
+    file is a distillation or timm checkpoint that needs converting.
+    """
+    init_cfg = cfg.model.get("backbone", {}).get("init_cfg")
+    if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or init_cfg.get("prefix"):
+        return
+    checkpoint = str(init_cfg.get("checkpoint"))
+    if "://" in checkpoint:
+        return
+    ckpt = safe_load(checkpoint)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), Mapping) else {}
+    hint = None if meta.get("format") == MMSEG_FORMAT else not_converted_message(checkpoint, ckpt)
+    if hint:
+        raise CheckpointError(hint)
+
+
 def train(cfg: Config) -> Runner:
     """Train (validating every ``val_interval``) as the config says; returns the Runner."""
     check_pretrained(cfg)
+    check_converted(cfg)
     check_data(cfg, ["train_dataloader"] + (["val_dataloader"] if cfg.get("val_cfg") else []))
     runner = _runner(cfg)
     runner.train()

@@ -243,7 +243,7 @@ def _read(checkpoint: str, map_location: str) -> dict:
     return safe_load(checkpoint)
 
 
-def _not_converted_message(checkpoint: str, ckpt: Mapping) -> Optional[str]:
+def not_converted_message(checkpoint: str, ckpt: Mapping) -> Optional[str]:
     """Name the fix when the file is a distillation, MoCo or timm checkpoint rather than a converted one."""
     state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else ckpt
     keys = [k for k in state if isinstance(k, str)]
@@ -285,7 +285,7 @@ def load_pretrained(
         if not state:
             raise CheckpointError(f"{checkpoint} has no tensors under the prefix {prefix!r}")
     elif meta.get("format") != MMSEG_FORMAT:
-        hint = _not_converted_message(checkpoint, ckpt)
+        hint = not_converted_message(checkpoint, ckpt)
         if hint:
             raise CheckpointError(hint)
     arch = meta.get("arch") if meta.get("format") == MMSEG_FORMAT else None
