@@ -227,3 +227,48 @@ def test_per_image_ap50_recomputation_equals_mmdetections_voc_metric(seed):
     # VOCMetric rounds its AP50 (a fraction) to 3 decimals: at most 0.0005 from the exact value.
     assert abs(ours / 100 - official) <= 0.0005 + 1e-9, (ours, official)
     assert 0 < official < 1  # neither trivially empty nor perfect
+
+
+# ---------------------------------------------------------------------- pipeline --preset full
+
+
+def test_full_preset_runs_mmdetection_from_the_retro_student_with_an_interval(converted, shapes_root, tmp_path,
+                                                                              monkeypatch):
+    from retro_transfer.pipeline import PRESETS
+    from retro_transfer.pipeline.build import build_stages
+    from retro_transfer.pipeline.mmdet_stages import mmdet_evidence, mmdet_sections, mmdet_stages
+    from retro_transfer.pipeline.runner import Context
+
+    assert {"mmdet_retro", "mmdet_random"} <= {s.name for s in build_stages(PRESETS["full"])}
+    assert not any(s.name.startswith("mmdet_") for s in build_stages(PRESETS["default"]))
+    preset = {**PRESETS["smoke"], "mmdet_iters": 3, "det_batch": 2}
+    stages = {s.name: s for s in mmdet_stages(preset)}
+    ctx = Context(out=tmp_path, preset=preset)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shapes").symlink_to(shapes_root)
+    (tmp_path / "convert_retro").mkdir()
+    (tmp_path / "convert_retro" / "student_mmseg.pth").symlink_to(converted["efficientnet_b0"][1])
+    monkeypatch.chdir(ROOT)  # the pipeline names its configs from the repository root
+    folder = ctx.folder("mmdet_retro")
+    folder.mkdir()
+    metrics = stages["mmdet_retro"].run(ctx, folder)
+    assert metrics["init"] == "retro" and metrics["iters"] == 3 and 0 <= metrics["AP50"] <= 100
+    records = {"mmdet_retro": {"metrics": metrics}}
+    evidence = mmdet_evidence(tmp_path, records)["retro"]
+    assert evidence["value"].value == metrics["AP50"]
+    assert evidence["value"].low <= evidence["value"].high and evidence["num_images"] > 0
+    # The interval's centre is VOCMetric's AP50; the per-image recomputation of the same detections agrees
+    # with it up to VOCMetric's rounding to 3 decimals of a fraction (0.05 points of a percentage).
+    from retro_transfer.pipeline import stats
+    from retro_transfer.pipeline.runner import read_json
+
+    data = read_json(folder / "per_image.json")
+    predictions = [(np.array(i["boxes"]).reshape(-1, 4), np.array(i["scores"]), np.array(i["labels"]))
+                   for i in data["images"]]
+    truth = [(np.array(i["truth"]["boxes"]).reshape(-1, 4), np.array(i["truth"]["labels"]),
+              np.array(i["truth"]["difficult"])) for i in data["images"]]
+    recomputed = stats.ap50(stats.detection_pieces(predictions, truth, 7))(np.arange(len(predictions)))
+    assert abs(recomputed - metrics["AP50"]) <= 0.05 + 1e-9
+    assert "Detection with MMDetection" in mmdet_sections(tmp_path, records)[0]
+    command = stages["mmdet_retro"].command(ctx, folder)
+    assert command.startswith("python tools/train_det.py configs/mmdet/shapes_faster_rcnn_effb0.py")
