@@ -113,7 +113,7 @@ def _finite_metrics(metrics, keys):
 
 @pytest.mark.parametrize("config, keys", [
     ("shapes_faster_rcnn_r18", ["coco/bbox_mAP", "coco/bbox_mAP_50"]),
-    ("shapes_mask_rcnn_effb0", ["coco/bbox_mAP", "coco/segm_mAP", "coco/segm_mAP_50"]),
+    ("shapes_mask_rcnn_r18", ["coco/bbox_mAP", "coco/segm_mAP", "coco/segm_mAP_50"]),
 ])
 def test_four_iterations_on_shapes_give_finite_ap_and_the_tools_refuse_misuse(
         config, keys, converted, shapes_root, tmp_path, capsys):
