@@ -241,3 +241,19 @@ def test_a_compiled_mmcv_wins(monkeypatch):
     monkeypatch.setattr(mmcv_ops, "compiled_mmcv_available", lambda: True)
     finder = mmcv_ops.MmcvOpsStandInFinder()
     assert finder.find_spec("mmcv.ops") is None and finder.find_spec("mmcv.ops.nms") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_ops_run_on_cuda_as_on_the_cpu():
+    boxes, scores = boxes_and_scores(60, seed=12)
+    labels = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(12))
+    cfg = dict(type="nms", iou_threshold=0.4)
+    cpu = mmcv.ops.batched_nms(boxes, scores, labels, cfg)[1]
+    gpu = mmcv.ops.batched_nms(boxes.cuda(), scores.cuda(), labels.cuda(), cfg)[1]
+    assert gpu.is_cuda and gpu.cpu().tolist() == cpu.tolist()
+    features = torch.randn(2, 3, 12, 10, generator=torch.Generator().manual_seed(13))
+    rois = rois_for(2, seed=14, size=40)
+    for layer in (mmcv.ops.RoIAlign(3, 0.25, 2), mmcv.ops.RoIPool(3, 0.25)):
+        on_gpu = layer(features.cuda(), rois.cuda()).cpu()
+        # Bilinear blends of values ~N(0, 1) summed in another order: float32 rounding, far below 1e-4.
+        assert (on_gpu - layer(features, rois)).abs().max().item() < 1e-4

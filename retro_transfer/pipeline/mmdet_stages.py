@@ -104,7 +104,7 @@ def _command(init: str):
     def command(ctx: Context, folder: Path) -> str:
         options = " ".join(f"{k}={_shell(v)}" for k, v in _options(ctx, init).items())
         return (f"python tools/train_det.py {MMDET_CONFIG} --data-root {data_dir(ctx)} --work-dir {folder} "
-                f"--cfg-options {options} val_evaluator.type=VOCMetric  # the stage keeps per-image detections too")
+                f"--cfg-options {options}  # the stage scores with VOCMetric and keeps each image's detections")
 
     return command
 
