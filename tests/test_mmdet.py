@@ -134,6 +134,16 @@ def test_four_iterations_on_shapes_give_finite_ap_and_the_tools_refuse_misuse(
     assert _finite_metrics(metrics, keys), metrics
     assert json.loads(out.strip().splitlines()[-1]) == metrics
 
+    if "faster" in config:  # MMDetection's habits: --eval-only on the latest checkpoint, --resume continues
+        code, out, err = run_tool(train_tool, [config, "--data-root", shapes_root, "--work-dir", work, "--eval-only",
+                                               "--cfg-options", *[o for o in options if o.startswith(("test_", "model."))]],
+                                  capsys)
+        assert code == 0 and json.loads(out.strip().splitlines()[-1]) == metrics, err[-3000:]
+        code, out, err = run_tool(train_tool, [config, "--data-root", shapes_root, "--work-dir", work, "--resume",
+                                               "--cfg-options", *options, "train_cfg.max_iters=5"], capsys)
+        assert code == 0, err[-3000:]
+        assert torch.load(work / "iter_5.pth", weights_only=True)["meta"]["iter"] == 5
+
     # A second run into the same work dir without --resume is refused before anything starts.
     code, _, err = run_tool(train_tool, [config, "--data-root", shapes_root, "--work-dir", work,
                                          "--cfg-options", *options], capsys)
