@@ -51,26 +51,14 @@ def compiled_mmcv_available() -> bool:
 
 
 # Submodules mmdet/mmseg import by path (``from mmcv.ops.nms import batched_nms``),
-# served by the stand-in; any other ``mmcv.ops.X`` is a module of unavailable ops.
+# served by the stand-in; ``mmcv.ops.point_sample`` is mmcv's own file, and any
+# other ``mmcv.ops.X`` is a module of unavailable ops.
 _PROVIDED = {
     "nms": ("nms", "batched_nms"),
     "roi_align": ("roi_align", "RoIAlign"),
     "roi_pool": ("roi_pool", "RoIPool"),
     "focal_loss": ("sigmoid_focal_loss",),
 }
-
-
-def _load_point_sample() -> ModuleType:
-    """mmcv's own ``point_sample.py`` (pure PyTorch), loaded by path as ``mmcv.ops.point_sample``."""
-    name = f"{MODULE}.point_sample"
-    if name in sys.modules:
-        return sys.modules[name]
-    mmcv_dir = Path(importlib.util.find_spec("mmcv").origin).parent
-    spec = importlib.util.spec_from_file_location(name, mmcv_dir / "ops" / "point_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _unavailable_getattr(module: ModuleType):
@@ -112,7 +100,7 @@ class _StandInLoader(importlib.abc.Loader):
             # later would rebind e.g. ``mmcv.ops.nms`` from the function to the module.
             for submodule in _PROVIDED:
                 importlib.import_module(f"{MODULE}.{submodule}")
-            point_sample = _load_point_sample()
+            point_sample = importlib.import_module(f"{MODULE}.point_sample")  # mmcv's own file, by path
             for name in dir(point_sample):
                 value = getattr(point_sample, name)
                 if callable(value) and getattr(value, "__module__", None) == point_sample.__name__:
