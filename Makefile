@@ -16,7 +16,7 @@ SETUP_INPUTS := Makefile setup.py tools/install_detectron2.py retro_transfer/com
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make setup   create $(VENV) and install everything (torch, timm, Detectron2, MMSeg)"
+	@echo "make setup   create $(VENV) and install everything (torch, timm, Detectron2, MMSeg, MMDetection)"
 	@echo "make demo    the main job: shapes data -> teacher -> 4 distilled students -> detection and segmentation -> $(DEMO_OUT)/report.md"
 	@echo "make test    the test suite (CPU)"
 
@@ -29,8 +29,8 @@ $(STAMP): $(SETUP_INPUTS)
 	$(PIP) install -q -e ".[all]"
 	$(PY) tools/install_detectron2.py
 	$(PY) -m retro_transfer.compat --install-pth
-	$(PY) -c "import detectron2, mmseg.models, retro_transfer, distill" 2>/dev/null \
-		|| { echo "set-up finished but the core imports fail; run: $(PY) -c 'import detectron2, mmseg.models'"; exit 1; }
+	$(PY) -c "import detectron2, mmseg.models, mmdet.models, retro_transfer, distill" 2>/dev/null \
+		|| { echo "set-up finished but the core imports fail; run: $(PY) -c 'import detectron2, mmseg.models, mmdet.models'"; exit 1; }
 	@touch $@
 	@echo "set-up complete: $(VENV)"
 

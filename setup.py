@@ -24,6 +24,10 @@ MMSEG_REQUIRES = [
     "ftfy",
     "regex",
 ]
+# MMDetection 3.3.0 is the release that accepts mmcv < 2.2 (so mmcv-lite 2.1.0, which mmseg
+# needs) and mmengine 0.10; it is pure Python. Its compiled-op imports are served by
+# retro_transfer/compat (nms, RoIAlign... on torchvision).
+MMDET_REQUIRES = MMSEG_REQUIRES + ["mmdet==3.3.0"]
 # tools/export.py --format onnx: torch's exporter (dynamo=True) needs onnxscript,
 # and onnxruntime checks the exported graph against PyTorch. Lower bounds are
 # the versions tested.
@@ -33,7 +37,7 @@ DEV_REQUIRES = ["pytest>=7", "pytest-timeout"]
 setup(
     name="retro-transfer",
     version="0.1.0",
-    description="Self-supervised distillation of small backbones (Retro, DisCo, SEED, MoCo v2) and transfer to Detectron2 / MMSegmentation",
+    description="Self-supervised distillation of small backbones (Retro, DisCo, SEED, MoCo v2) and transfer to Detectron2 / MMSegmentation / MMDetection",
     packages=find_packages(include=["retro_transfer", "retro_transfer.*", "distill", "distill.*"]),
     python_requires=">=3.9",
     install_requires=[
@@ -50,8 +54,9 @@ setup(
     extras_require={
         "d2": D2_REQUIRES,
         "mmseg": MMSEG_REQUIRES,
+        "mmdet": MMDET_REQUIRES,
         "export": EXPORT_REQUIRES,
         "dev": DEV_REQUIRES,
-        "all": D2_REQUIRES + MMSEG_REQUIRES + EXPORT_REQUIRES + DEV_REQUIRES,
+        "all": D2_REQUIRES + MMDET_REQUIRES + EXPORT_REQUIRES + DEV_REQUIRES,
     },
 )

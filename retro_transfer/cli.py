@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The repository's ``configs/`` folder, where bare config names are looked up."""
 
-CONFIG_KINDS = {"detection": ".yaml", "distill": ".yaml", "teacher": ".yaml", "segmentation": ".py"}
+CONFIG_KINDS = {"detection": ".yaml", "distill": ".yaml", "teacher": ".yaml", "segmentation": ".py", "mmdet": ".py"}
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -2,6 +2,7 @@
 """The whole product on generated data: pretrain -> distil -> evaluate -> transfer -> report.
 
     python tools/pipeline.py --preset default --out runs/pipeline      (what `make demo` runs)
+    python tools/pipeline.py --preset full --out runs/full             (default + Mask R-CNN + MMDetection)
     python tools/pipeline.py --preset quick --out runs/quick           (a first look, minutes)
     python tools/pipeline.py --preset smoke --out /tmp/smoke           (minutes; what the tests run)
 

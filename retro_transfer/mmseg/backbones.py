@@ -9,7 +9,7 @@ MobileNetV3-Large, a ResNet-50 teacher, any timm CNN with feature levels)::
 Feature levels are timm's ``feature_info`` entries (level 0 is the stride-2
 stem for the students above); the segmentation heads read the stride 4..32
 levels. Parameters sit under ``body.`` with timm's names, which is exactly the
-layout ``tools/convert_to_mmseg.py`` writes.
+layout ``tools/convert_to_openmmlab.py`` writes.
 
 Pretrained weights load with every backbone tensor accounted for: MMEngine's
 own ``Pretrained`` initialiser loads with ``strict=False`` and only logs what
@@ -39,7 +39,7 @@ PREFIX = "body."
 """Where the timm network sits in :class:`StudentBackbone`, and so in converted checkpoints."""
 
 MMSEG_FORMAT = "retro-transfer/mmseg-backbone"
-"""``meta["format"]`` of the checkpoints ``tools/convert_to_mmseg.py`` writes."""
+"""``meta["format"]`` of the checkpoints ``tools/convert_to_openmmlab.py`` writes."""
 
 NORM_TYPES = ("BN", "SyncBN")
 
@@ -92,7 +92,7 @@ class StudentBackbone(BaseModule):
             it). On one device MMEngine reverts SyncBN anyway.
         drop_path_rate: stochastic depth of the timm model (0 = off).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=None)``
-            for a file written by ``tools/convert_to_mmseg.py`` (or, with
+            for a file written by ``tools/convert_to_openmmlab.py`` (or, with
             ``prefix='backbone.'``, a segmentor checkpoint), loaded strictly;
             ``None`` trains from random initialisation.
         pretrained: a checkpoint path, the older spelling of ``init_cfg``
@@ -243,15 +243,15 @@ def _read(checkpoint: str, map_location: str) -> dict:
     return safe_load(checkpoint)
 
 
-def _not_converted_message(checkpoint: str, ckpt: Mapping) -> Optional[str]:
+def not_converted_message(checkpoint: str, ckpt: Mapping) -> Optional[str]:
     """Name the fix when the file is a distillation, MoCo or timm checkpoint rather than a converted one."""
     state = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else ckpt
     keys = [k for k in state if isinstance(k, str)]
     if ckpt.get("format") == DISTILL_FORMAT or any(k.startswith(("encoder_q.", "module.encoder_q.")) for k in keys) \
             or ("conv1.weight" in keys or "conv_stem.weight" in keys):
         return (
-            f"{checkpoint} is not an MMSeg backbone checkpoint (it looks like a distillation, MoCo v2 or "
-            f"timm/torchvision file); convert it first: python tools/convert_to_mmseg.py {checkpoint} OUT.pth, "
+            f"{checkpoint} is not an OpenMMLab backbone checkpoint (it looks like a distillation, MoCo v2 or "
+            f"timm/torchvision file); convert it first: python tools/convert_to_openmmlab.py {checkpoint} OUT.pth, "
             "then set model.backbone.init_cfg.checkpoint=OUT.pth"
         )
     return None
@@ -273,7 +273,7 @@ def load_pretrained(
     if not checkpoint:
         raise CheckpointError(
             "StudentBackbone init_cfg has no checkpoint; pass --cfg-options "
-            "model.backbone.init_cfg.checkpoint=STUDENT_MMSEG.pth (written by tools/convert_to_mmseg.py), "
+            "model.backbone.init_cfg.checkpoint=STUDENT_OPENMMLAB.pth (written by tools/convert_to_openmmlab.py), "
             "or model.backbone.init_cfg=None to train from random initialisation"
         )
     ckpt = _read(checkpoint, map_location)
@@ -285,7 +285,7 @@ def load_pretrained(
         if not state:
             raise CheckpointError(f"{checkpoint} has no tensors under the prefix {prefix!r}")
     elif meta.get("format") != MMSEG_FORMAT:
-        hint = _not_converted_message(checkpoint, ckpt)
+        hint = not_converted_message(checkpoint, ckpt)
         if hint:
             raise CheckpointError(hint)
     arch = meta.get("arch") if meta.get("format") == MMSEG_FORMAT else None
@@ -311,7 +311,7 @@ def load_pretrained(
         if any(k.startswith("backbone." + PREFIX) for k in extra):
             hint = " It is a whole-segmentor checkpoint: add prefix='backbone.' to init_cfg, or use load_from."
         else:
-            hint = " Is the file for this architecture, written by tools/convert_to_mmseg.py?"
+            hint = " Is the file for this architecture, written by tools/convert_to_openmmlab.py?"
         raise CheckpointError(
             f"{checkpoint} does not fit StudentBackbone({backbone.arch}): " + "; ".join(problems) + "." + hint
         )

@@ -85,13 +85,13 @@ def check_pretrained(cfg: Config) -> None:
     if not checkpoint:
         raise CheckpointError(
             "the config's backbone has no pretrained checkpoint; pass --cfg-options "
-            "model.backbone.init_cfg.checkpoint=STUDENT_MMSEG.pth (from tools/convert_to_mmseg.py), "
+            "model.backbone.init_cfg.checkpoint=STUDENT_OPENMMLAB.pth (from tools/convert_to_openmmlab.py), "
             "or model.backbone.init_cfg=None to train from random initialisation"
         )
     if "://" not in str(checkpoint) and not Path(checkpoint).is_file():
         raise CheckpointError(
             f"backbone checkpoint {checkpoint} does not exist (model.backbone.init_cfg.checkpoint); "
-            "write it with tools/convert_to_mmseg.py STUDENT.pth OUT.pth"
+            "write it with tools/convert_to_openmmlab.py STUDENT.pth OUT.pth"
         )
 
 

@@ -1,0 +1,25 @@
+# Runtime shared by every MMDetection config: MMDetection's defaults plus the project's registrations.
+default_scope = 'mmdet'
+# Registers StudentBackbone in MMDetection's MODELS, installs the mmcv.ops
+# stand-in (nms, RoIAlign... on torchvision) and lets weights_only loading read
+# Runner checkpoints.
+custom_imports = dict(imports=['retro_transfer.mmdet'], allow_failed_imports=False)
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=50),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='CheckpointHook', interval=1),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='DetVisualizationHook'))
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),
+)
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
+log_processor = dict(type='LogProcessor', window_size=50, by_epoch=True)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0)

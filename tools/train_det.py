@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Train (or evaluate) an MMDetection 3.x detector on a distilled student with MMEngine's Runner.
+
+    python tools/train_det.py CONFIG [--data-root DIR] [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
+        [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm|mpi]
+    python tools/train_det.py CONFIG --eval-only [--checkpoint CHECKPOINT]
+
+CONFIG is one of configs/mmdet/*.py, by path or by name
+(``shapes_faster_rcnn_r18``). Set the converted student with
+``--cfg-options model.backbone.init_cfg.checkpoint=STUDENT_OPENMMLAB.pth``
+(tools/convert_to_openmmlab.py), or ``model.backbone.init_cfg=None`` for random
+initialisation. ``--data-root DIR`` points every dataset (and a COCO
+evaluator's annotation file) at DIR; folders, annotation files and images are
+checked before the run starts. ``--resume`` alone continues from the latest
+checkpoint in the work dir (default ``work_dirs/<config name>``), or from the
+file given. ``--eval-only`` tests a checkpoint (default: the latest in the work
+dir) and prints the metrics as JSON, as tools/test_det.py does. For several
+GPUs: ``torchrun --nproc_per_node=N tools/train_det.py CONFIG --launcher pytorch``
+(the student's BatchNorms become SyncBN then).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from mmengine.config import DictAction
+
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+
+keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=config_file("mmdet"),
+                        help="an MMDetection config: a path, or a name in configs/mmdet/ (voc_faster_rcnn_effb0)")
+    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="resume training: from the latest checkpoint in the work dir, or from CHECKPOINT")
+    parser.add_argument("--amp", action="store_true", help="mixed-precision training (needs a GPU)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint on the test set, no training")
+    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: latest in the work dir)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                        help="override config entries, e.g. model.backbone.init_cfg.checkpoint=student_openmmlab.pth")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                        help="job launcher for distributed training")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    if args.checkpoint and not args.eval_only:
+        fail("--checkpoint is for --eval-only; to continue training from a checkpoint use --resume CHECKPOINT")
+    if args.eval_only and (args.resume or args.amp):
+        fail("--eval-only does not train: drop --resume/--amp")
+
+    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.compat.detection_ops import CompiledOpMissing
+    from retro_transfer.mmdet import launch
+
+    try:
+        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
+        if args.eval_only:
+            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
+            print(json.dumps(metrics, sort_keys=True, default=float))
+            return 0
+        if args.amp:
+            import torch
+
+            if not torch.cuda.is_available():
+                fail("--amp needs a GPU")
+            cfg.optim_wrapper.type = "AmpOptimWrapper"
+            cfg.optim_wrapper.loss_scale = "dynamic"
+        # The run's claim on its work dir: one check, before anything is written there.
+        if not args.resume and launch.work_dir_holds_run(cfg):
+            fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+                 "or give another --work-dir")
+        launch.set_resume(cfg, args.resume)
+        launch.train(cfg)
+    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing) as e:
+        fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
