@@ -33,7 +33,10 @@ CONFIGS = ROOT / "configs" / "segmentation"
 STUDENTS = ["efficientnet_b0", "mobilenetv3_large_100", "resnet18", "resnet34"]
 NUM_CLASSES = {"voc": 21, "cityscapes": 19, "shapes": 8}
 
-init_default_scope("mmseg")  # as the configs' default_scope does: heads and preprocessors resolve in mmseg
+@pytest.fixture(autouse=True)
+def _mmseg_scope():
+    """As the configs' default_scope does: heads and preprocessors resolve in mmseg (other test files use mmdet's)."""
+    init_default_scope("mmseg")
 
 
 def load_tool(name: str):
