@@ -19,6 +19,7 @@ from tool_helpers import fresh_detectron2_logging, load_tool, one_thread  # noqa
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NET = ROOT / "tools" / "train_net.py"
+TRAIN_SEG = ROOT / "tools" / "train_seg.py"
 
 
 def run_tool(args, **env) -> subprocess.CompletedProcess:
@@ -126,6 +127,18 @@ def test_a_gpu_sized_config_on_the_cpu_is_warned_about_and_a_cpu_sized_one_is_no
     assert cpu_workload_warning(voc) is None, "on a GPU the recipe is what it is sized for"
 
 
+def test_a_gpu_sized_segmentation_config_on_the_cpu_is_warned_about():
+    """VOC DeepLabV3+: 20k iterations x 4 images at 512 px; shapes FCN 300 x 8 at 128 px: 20000*4*512**2 / (300*8*128**2) = 533x."""
+    from retro_transfer.mmseg import launch
+
+    voc = launch.load_config(ROOT / "configs/segmentation/voc_deeplabv3plus_effb0.py")
+    warning = launch.cpu_workload_warning(voc, on_cpu=True)
+    assert warning and "20000 iterations x 4 images at 512 px" in warning and "533 times" in warning, warning
+    assert "train_cfg.max_iters" in warning
+    assert launch.cpu_workload_warning(launch.load_config(ROOT / "configs/segmentation/shapes_fcn_r18.py"), on_cpu=True) is None
+    assert launch.cpu_workload_warning(voc, on_cpu=False) is None
+
+
 # ----------------------------------------------------------------------------- 3: one's own Detectron2 script
 
 
@@ -162,3 +175,18 @@ def test_a_recipe_on_the_shapes_data_trains_with_a_quiet_start(shapes_root, tmp_
     assert (out / "model_final.pth").is_file()
     log = (out / "log.txt").read_text()
     assert "Environment info" in log and "Running with full config" in log
+
+
+def test_train_seg_starts_quietly_and_its_log_keeps_the_report(shapes_root, tmp_path):
+    """train_seg on the shapes data, 2 iterations: few console lines before the first; the work dir's log has the rest."""
+    work = tmp_path / "work"
+    options = ["train_cfg.max_iters=2", "model.backbone.init_cfg=None", "train_dataloader.num_workers=0",
+               "val_dataloader.num_workers=0", "test_dataloader.num_workers=0"]
+    proc = run_tool([TRAIN_SEG, "shapes_fcn_r18", "--data-root", shapes_root / "VOC2007", "--work-dir", work,
+                     "--cfg-options", *options])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = (proc.stdout + proc.stderr).splitlines()
+    first_step = next(i for i, line in enumerate(console) if "Iter(train)" in line)
+    assert first_step <= QUIET_LINES, "\n".join(console[:first_step])
+    log = "".join(path.read_text() for path in work.rglob("*.log"))
+    assert "System environment" in log and "Config:" in log

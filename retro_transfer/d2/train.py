@@ -56,9 +56,14 @@ def cpu_workload_warning(cfg) -> Optional[str]:
     return cpu_warning(workload(cfg), workload(load_config(CPU_SIZED_CONFIG, register=False)), advice)
 
 
-STARTUP = DropInfo(loggers=("detectron2",), families=("detectron2.data", "detectron2.utils.env"), starts=("Model:\n",))
+STARTUP = DropInfo(
+    loggers=("detectron2",), families=("detectron2.data", "detectron2.utils.env"), starts=("Model:\n",),
+    harmless=("Some model parameters or buffers are not found in the checkpoint",),
+)
 """What a quiet console leaves out: ``default_setup``'s environment table, arguments and config dumps (logged on
-``detectron2`` itself), the model's repr, the data loaders' statistics and the seed; warnings always show."""
+``detectron2`` itself), the model's repr, the data loaders' statistics and the seed; and fvcore's list of the
+layers a backbone file does not hold (FPN, heads), which RetroCheckpointer has already checked are only those.
+Other warnings always show."""
 
 
 def quiet_detectron2_console(output_dir: str) -> None:

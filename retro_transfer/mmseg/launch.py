@@ -189,10 +189,13 @@ def workload(cfg: Config) -> Optional[Workload]:
     return Workload(cfg.train_cfg.max_iters, cfg.train_dataloader.batch_size, max(crop)) if crop else None
 
 
-def cpu_workload_warning(cfg: Config) -> Optional[str]:
-    """A one-line warning when a config sized for GPUs is to train here, where MMEngine finds only the CPU."""
+def cpu_workload_warning(cfg: Config, on_cpu: Optional[bool] = None) -> Optional[str]:
+    """A one-line warning when a config sized for GPUs is to train on the CPU; else None.
+
+    ``on_cpu`` defaults to where MMEngine will put the run: the CPU when torch finds no CUDA device.
+    """
     run = workload(cfg)
-    if run is None or torch.cuda.is_available():
+    if run is None or not (on_cpu if on_cpu is not None else not torch.cuda.is_available()):
         return None
     advice = ("lower train_cfg.max_iters or train_dataloader.batch_size with --cfg-options, "
               "or train a configs/segmentation/shapes_*.py config")
