@@ -110,7 +110,8 @@ def test_no_gpu_is_one_line_naming_the_cpu_setting(shapes_root, tmp_path):
     cuda = one_line(run_tool([*base, "--shapes", shapes_root, "MODEL.WEIGHTS", "", "OUTPUT_DIR", tmp_path / "a"],
                              **hidden))
     assert "MODEL.DEVICE cuda asks for a GPU" in cuda and "add MODEL.DEVICE cpu" in cuda, cuda
-    several = one_line(run_tool([*base, "--num-gpus", "2", "MODEL.WEIGHTS", "", "OUTPUT_DIR", tmp_path / "b"], **hidden))
+    several = one_line(run_tool([*base, "--num-gpus", "2", "MODEL.WEIGHTS", "", "OUTPUT_DIR", tmp_path / "b"],
+                                **hidden))
     assert "--num-gpus 2 asks for 2 GPUs" in several and "finds 0 CUDA device" in several, several
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -128,14 +129,18 @@ def test_a_gpu_sized_config_on_the_cpu_is_warned_about_and_a_cpu_sized_one_is_no
 
 
 def test_a_gpu_sized_segmentation_config_on_the_cpu_is_warned_about():
-    """VOC DeepLabV3+: 20k iterations x 4 images at 512 px; shapes FCN 300 x 8 at 128 px: 20000*4*512**2 / (300*8*128**2) = 533x."""
+    """VOC DeepLabV3+ is 20k iterations x 4 images at 512 px, the shapes FCN 300 x 8 at 128 px.
+
+    20000*4*512**2 / (300*8*128**2) = 533 times the pixels.
+    """
     from retro_transfer.mmseg import launch
 
     voc = launch.load_config(ROOT / "configs/segmentation/voc_deeplabv3plus_effb0.py")
     warning = launch.cpu_workload_warning(voc, on_cpu=True)
     assert warning and "20000 iterations x 4 images at 512 px" in warning and "533 times" in warning, warning
     assert "train_cfg.max_iters" in warning
-    assert launch.cpu_workload_warning(launch.load_config(ROOT / "configs/segmentation/shapes_fcn_r18.py"), on_cpu=True) is None
+    shapes = launch.load_config(ROOT / "configs/segmentation/shapes_fcn_r18.py")
+    assert launch.cpu_workload_warning(shapes, on_cpu=True) is None
     assert launch.cpu_workload_warning(voc, on_cpu=False) is None
 
 
@@ -178,7 +183,7 @@ def test_a_recipe_on_the_shapes_data_trains_with_a_quiet_start(shapes_root, tmp_
 
 
 def test_train_seg_starts_quietly_and_its_log_keeps_the_report(shapes_root, tmp_path):
-    """train_seg on the shapes data, 2 iterations: few console lines before the first; the work dir's log has the rest."""
+    """train_seg on the shapes data, 2 iterations: few console lines before the first; the log keeps the rest."""
     work = tmp_path / "work"
     options = ["train_cfg.max_iters=2", "model.backbone.init_cfg=None", "train_dataloader.num_workers=0",
                "val_dataloader.num_workers=0", "test_dataloader.num_workers=0"]
