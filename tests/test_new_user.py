@@ -195,3 +195,21 @@ def test_train_seg_starts_quietly_and_its_log_keeps_the_report(shapes_root, tmp_
     assert first_step <= QUIET_LINES, "\n".join(console[:first_step])
     log = "".join(path.read_text() for path in work.rglob("*.log"))
     assert "System environment" in log and "Config:" in log
+
+
+HELP_PROBE = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("tool", ["train_net", "train_seg", "convert_to_d2"])
+def test_help_answers_without_importing_torch(tool):
+    proc = run_tool(["-c", HELP_PROBE, ROOT / "tools" / f"{tool}.py"])
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout[-500:]
