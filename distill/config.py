@@ -294,7 +294,7 @@ class CheckpointConfig(_Section):
 
     _prefix = "checkpoint."
     every: int = _opt(500, "save a step checkpoint every this many steps", gt=0)
-    keep: int = _opt(2, "step checkpoints kept besides last.pth", ge=0)
+    keep: int = _opt(2, "earlier checkpoints kept besides checkpoint_last.pth (checkpoint_<step>.pth), fallbacks should it be damaged", ge=0)
 
 
 @dataclass(frozen=True)

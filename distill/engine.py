@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -227,6 +228,22 @@ def _auto_resume_checkpoint(out: Path) -> Optional[Path]:
     )
 
 
+def keep_as_numbered(last: Path, numbered: Path) -> None:
+    """Give the current ``last`` checkpoint the name ``numbered`` too, before it is replaced.
+
+    A hard link costs no disk and leaves ``last`` in place, so a crash before
+    the new state is renamed over it still finds a loadable last checkpoint.
+    Where links are not supported the file is renamed instead: a crash then
+    leaves no last checkpoint, and resume=auto names this numbered one.
+    """
+    if numbered.exists() or not last.is_file():
+        return
+    try:
+        os.link(last, numbered)
+    except OSError:
+        os.replace(last, numbered)
+
+
 def _loads(path: Path) -> Optional[Dict]:
     try:
         return safe_load(path)
@@ -398,6 +415,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.step = 0
         self.last_saved: Optional[Path] = None
+        # The step whose state checkpoint_last.pth holds, when this run wrote it or resumed from it.
+        self.saved_step: Optional[int] = None
 
         if resume_from is not None:
             self._restore(resume_from)
@@ -437,17 +456,26 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Write ``checkpoint_last.pth`` (and a numbered copy) atomically, on the main process."""
+        """Write ``checkpoint_last.pth`` atomically, on the main process; the state it replaces becomes numbered.
+
+        A numbered checkpoint is a fallback for a damaged last one, so it must
+        hold an earlier step: a copy of the last would double the disk used
+        and save nothing. Before the new state is written, the last one this
+        run wrote or resumed from is kept as ``checkpoint_<its step>.pth`` (a
+        hard link: no bytes written); the newest ``checkpoint.keep`` of those
+        stay.
+        """
         path = self.out / LAST
         if dist_utils.is_main_process():
             state = self.state()
             self._check_finite(state)
+            if self.cfg.checkpoint.keep and self.saved_step not in (None, self.step):
+                keep_as_numbered(path, self.out / f"checkpoint_{self.saved_step:07d}.pth")
             save_atomic(state, path)
-            numbered = self.out / f"checkpoint_{self.step:07d}.pth"
-            save_atomic(state, numbered)
             for old in sorted(self.out.glob("checkpoint_[0-9]*.pth"))[: -self.cfg.checkpoint.keep or None]:
                 old.unlink()
         self.last_saved = path
+        self.saved_step = self.step
         return path
 
     def _check_finite(self, state: Dict) -> None:
@@ -489,6 +517,8 @@ class Trainer:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
         self.step = int(ckpt["step"])
         self.last_saved = path
+        if Path(path).resolve() == (self.out / LAST).resolve():
+            self.saved_step = self.step
         if dist_utils.is_main_process():
             print(f"resumed from {path} at step {self.step}")
 

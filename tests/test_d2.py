@@ -30,6 +30,7 @@ from retro_transfer.d2 import (  # noqa: E402
     check_config,
     feature_levels,
 )
+from retro_transfer.d2.train import RetroTrainer  # noqa: E402
 from retro_transfer.models.students import Student  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +304,7 @@ def test_a_few_iterations_on_shapes_voc(short, converted, train_tool, shapes_roo
          "SOLVER.STEPS", "()", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128",
          "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128", "DATALOADER.NUM_WORKERS", "0"]
     )  # fmt: skip
-    trainer = train_tool.Trainer(train_tool.setup(args))
+    trainer = RetroTrainer(train_tool.setup(args))  # the trainer tools/train_net.py runs
     assert isinstance(trainer.checkpointer, RetroCheckpointer)
     trainer.resume_or_load(resume=False)
     trainer.train()

@@ -68,14 +68,13 @@ FINISHED_STEPS = 4
 
 @pytest.fixture(scope="module")
 def finished_run(shapes_root, tmp_path_factory) -> Path:
-    """A finished 4-step run: checkpoints at steps 2 and 4 (both kept), a record per step, TensorBoard events."""
+    """A finished 4-step run: checkpoints at steps 2 (numbered) and 4 (last), a record per step, TensorBoard events."""
     base = tmp_path_factory.mktemp("finished")
     out = base / "run"
     extra = [f"train.max_steps={FINISHED_STEPS}", "checkpoint.every=2", "checkpoint.keep=2", "log.every=1",
              "log.tensorboard=true"]
     check_ok(Run(moco(shapes_root, out, *extra), base / "logs").wait())
-    assert sorted(p.name for p in out.glob("checkpoint_*.pth")) == [
-        "checkpoint_0000002.pth", "checkpoint_0000004.pth", "checkpoint_last.pth"]
+    assert sorted(p.name for p in out.glob("checkpoint_*.pth")) == ["checkpoint_0000002.pth", "checkpoint_last.pth"]
     assert log_steps(out) == [1, 2, 3, 4]
     return out
 
@@ -223,7 +222,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 
 
 def test_resume_auto_names_the_newest_intact_checkpoint_and_resuming_from_it_is_clean(finished_run, shapes_root, tmp_path):
-    """A truncated checkpoint_last.pth (and checkpoint_4): resume=auto names checkpoint_2 and changes nothing.
+    """A truncated checkpoint_last.pth: resume=auto names checkpoint_2 and changes nothing.
 
     Resuming from it as told, the run also removes the empty temporary file a
     kill -9 during a save leaves, and the log and TensorBoard list steps 3 and
@@ -231,7 +230,6 @@ def test_resume_auto_names_the_newest_intact_checkpoint_and_resuming_from_it_is_
     """
     out = copy_run(finished_run, tmp_path / "run")
     cut_in_half(out / "checkpoint_last.pth")
-    cut_in_half(out / "checkpoint_0000004.pth")
     stale = out / ".checkpoint_last.pth.12345.0123abcd.tmp"
     stale.write_bytes(b"")
     before = snapshot(out)
@@ -263,12 +261,32 @@ def test_resume_drops_a_log_line_cut_short_by_a_kill(finished_run, shapes_root, 
     out = copy_run(finished_run, tmp_path / "run")
     (out / "checkpoint_last.pth").unlink()
     os.link(out / "checkpoint_0000002.pth", out / "checkpoint_last.pth")
-    (out / "checkpoint_0000004.pth").unlink()
     records = (out / "log.jsonl").read_text().splitlines(keepends=True)
     (out / "log.jsonl").write_text("".join(records[:2]) + records[2][:10])
     extra = [f"train.max_steps={FINISHED_STEPS}", "checkpoint.every=2", "log.every=1", "resume=auto"]
     check_ok(Run(moco(shapes_root, out, *extra), tmp_path / "logs").wait())
     assert log_steps(out) == [1, 2, 3, 4]
+
+
+def test_numbered_checkpoints_hold_earlier_steps_never_a_copy_of_the_last(shapes_root, tmp_path):
+    """Saved at steps 1, 2, 3 with checkpoint.keep=1: the last holds step 3, the one numbered file step 2.
+
+    Resumed to step 4, the state the run resumed from becomes checkpoint_3
+    without a byte written: the same inode that was checkpoint_last.pth.
+    """
+    out = tmp_path / "run"
+    extra = ["checkpoint.every=1", "checkpoint.keep=1", "log.every=1"]
+    check_ok(Run(moco(shapes_root, out, "train.max_steps=3", *extra), tmp_path / "logs").wait())
+    assert sorted(p.name for p in out.glob("checkpoint_*.pth")) == ["checkpoint_0000002.pth", "checkpoint_last.pth"]
+    assert safe_load(out / "checkpoint_0000002.pth")["step"] == 2
+    assert safe_load(out / "checkpoint_last.pth")["step"] == 3
+    last_inode = (out / "checkpoint_last.pth").stat().st_ino
+
+    check_ok(Run(moco(shapes_root, out, "train.max_steps=4", "resume=auto", *extra), tmp_path / "logs_resumed").wait())
+    assert sorted(p.name for p in out.glob("checkpoint_*.pth")) == ["checkpoint_0000003.pth", "checkpoint_last.pth"]
+    assert (out / "checkpoint_0000003.pth").stat().st_ino == last_inode
+    assert safe_load(out / "checkpoint_0000003.pth")["step"] == 3
+    assert safe_load(out / "checkpoint_last.pth")["step"] == 4
 
 
 # ----------------------------------------------------------------------------- 12, 13: sizes

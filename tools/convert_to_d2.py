@@ -18,9 +18,7 @@ from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
-from retro_transfer.convert import ConversionError, check_output, read_backbone, report  # noqa: E402
-from retro_transfer.d2.weights import TARGETS, describe, save_d2, to_detectron2  # noqa: E402
-
+# torch and Detectron2 are imported once the arguments are read, so that --help answers at once.
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
@@ -31,13 +29,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--target",
-        choices=("auto",) + TARGETS,
         default="auto",
         help="timm: build_timm_fpn_backbone; resnet: Detectron2's ResNet (C4/FPN); "
         "auto (default): resnet for ResNet-50/101/152, timm otherwise",
     )
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     args = parser.parse_args(argv)
+
+    from retro_transfer.convert import ConversionError, check_output, read_backbone, report
+    from retro_transfer.d2.weights import TARGETS, describe, save_d2, to_detectron2
+
+    if args.target not in ("auto",) + TARGETS:
+        parser.error(f"argument --target: invalid choice: {args.target!r} (choose from auto, {', '.join(TARGETS)})")
     if not args.output.endswith(".pkl"):
         # Detectron2 chooses its loader by extension; anything else is read with torch.load.
         fail(f"OUT must end in .pkl (Detectron2 reads other extensions as torch checkpoints), got {args.output}")

@@ -10,9 +10,13 @@ without .yaml) looked up in configs/detection/.
 
 Pascal VOC and COCO are read from $DETECTRON2_DATASETS (Detectron2's names:
 voc_2007_trainval, voc_2012_trainval, voc_2007_test, coco_2017_train,
-coco_2017_val); the shapes data from DATASETS.SHAPES_ROOT. VOC-layout data is
-scored with Detectron2's PascalVOCDetectionEvaluator (AP, AP50, AP75), COCO
-with COCOEvaluator.
+coco_2017_val); the shapes data from DATASETS.SHAPES_ROOT. ``--shapes DIR``
+runs any config (a VOC or COCO recipe too) on the shapes data in DIR: its data
+sets, classes and image size replace the config's. VOC-layout data is scored
+with Detectron2's PascalVOCDetectionEvaluator (AP, AP50, AP75), COCO with
+COCOEvaluator. The console shows the run's progress and warnings;
+``--verbose`` adds Detectron2's start-up report (environment, config, model),
+which OUTPUT_DIR/log.txt always holds.
 """
 
 import os
@@ -22,20 +26,7 @@ from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools
 
 keep_tools_dir_off_path(__file__)
 
-from detectron2.engine import default_setup, launch  # noqa: E402
-
-from retro_transfer.checkpoints import CheckpointError  # noqa: E402
-from retro_transfer.d2.train import RetroTrainer as Trainer  # noqa: E402
-from retro_transfer.d2 import (  # noqa: E402
-    ConfigError,
-    DatasetError,
-    IncompatibleWeightsError,
-    RetroCheckpointer,
-    check_config,
-    check_datasets,
-    load_config,
-    register_shapes,
-)
+# Detectron2 and torch are imported where they are used, so that --help and a bad flag answer at once.
 
 
 def parser() -> OneLineErrorParser:
@@ -53,23 +44,42 @@ def parser() -> OneLineErrorParser:
     p.add_argument(
         "--dist-url", default="auto", help="torch.distributed init URL; 'auto' picks a free local port (one machine)"
     )
+    p.add_argument("--shapes", metavar="DIR",
+                   help="train and test on the shapes data in DIR (tools/make_shapes.py --out DIR) instead of the "
+                        "config's data sets: sets DATASETS.SHAPES_ROOT, TRAIN, TEST, the number of classes and the "
+                        "input size; the model and schedule stay the config's")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Detectron2's start-up report (environment, config, model) and library warnings")
     p.add_argument("opts", nargs="...", default=[], help="config overrides: KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
     return p
 
 
 def setup(args):
     """The config from file and overrides, checked, with its data sets registered and present."""
+    from detectron2.engine import default_setup
+
+    from retro_transfer.d2 import ConfigError, DatasetError, check_config, check_datasets, load_config
+    from retro_transfer.d2.train import cpu_workload_warning, quiet_detectron2_console
+    from retro_transfer.utils.device import DeviceError, check_device
+    from retro_transfer.utils.quiet import silence_internal_warnings
+
     try:
-        cfg = load_config(args.config_file, args.opts)
-        register_shapes(cfg.DATASETS.SHAPES_ROOT)
+        cfg = load_config(args.config_file, args.opts, shapes_root=args.shapes)
         check_config(cfg)
         check_datasets(list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN)))
-    except (ConfigError, DatasetError) as err:
+        check_device(cfg.MODEL.DEVICE, f"MODEL.DEVICE {cfg.MODEL.DEVICE}", "MODEL.DEVICE cpu")
+    except (ConfigError, DatasetError, DeviceError) as err:
         fail(str(err))
     check_weights_given(cfg, args)
     check_output_dir_free(cfg, args)
     cfg.freeze()
+    if not args.verbose:
+        silence_internal_warnings()
+        quiet_detectron2_console(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
+    warning = None if args.eval_only else cpu_workload_warning(cfg)
+    if warning:
+        print(warning, flush=True)
     return cfg
 
 
@@ -103,6 +113,10 @@ def check_output_dir_free(cfg, args) -> None:
 
 
 def main(args):
+    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.d2 import ConfigError, DatasetError, IncompatibleWeightsError, RetroCheckpointer
+    from retro_transfer.d2.train import RetroTrainer as Trainer
+
     cfg = setup(args)
     try:
         if args.eval_only:
@@ -122,8 +136,21 @@ def main(args):
 def cli(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
+    misplaced = [key for key in args.opts[::2] if key.startswith("--")]
+    if misplaced:
+        p.error(f"{misplaced[0]} came after the KEY VALUE overrides, which take everything after them; "
+                "put options first")
     if args.num_machines > 1 and args.dist_url == "auto":
         p.error("--dist-url auto works on one machine; give tcp://HOST:PORT of machine 0 with --num-machines > 1")
+    from detectron2.engine import launch
+
+    from retro_transfer.utils.device import DeviceError, check_gpu_count
+
+    if args.num_gpus > 1:
+        try:
+            check_gpu_count(args.num_gpus, f"--num-gpus {args.num_gpus}")
+        except DeviceError as err:
+            fail(str(err))
     launch(
         main,
         args.num_gpus,

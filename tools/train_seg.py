@@ -13,7 +13,9 @@ converted student with
 tools/convert_to_mmseg.py). ``--resume`` alone continues from the latest
 checkpoint in the work dir (default ``work_dirs/<config name>``), or from the
 file given. ``--eval-only`` tests a checkpoint (default: the latest in the work
-dir) and prints the metrics as JSON, as tools/test_seg.py does. For several
+dir) and prints the metrics as JSON, as tools/test_seg.py does. The console
+leaves out MMEngine's start-up report, which the work dir's log keeps;
+``--verbose`` shows it. For several
 GPUs: ``torchrun --nproc_per_node=N tools/train_seg.py CONFIG --launcher pytorch``
 (BatchNorm becomes SyncBN then; one process keeps plain BN).
 """
@@ -45,6 +47,8 @@ def build_parser() -> OneLineErrorParser:
                         help="override config entries, e.g. model.backbone.init_cfg.checkpoint=student_mmseg.pth")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
                         help="job launcher for distributed training")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print MMEngine's start-up report (environment, config, hooks) and library warnings")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     try:
         cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
         if args.eval_only:
-            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
+            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint), verbose=args.verbose)
             print(json.dumps(metrics, sort_keys=True, default=float))
             return 0
         if args.amp:
@@ -78,7 +82,10 @@ def main(argv=None) -> int:
             fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
                  "or give another --work-dir")
         launch.set_resume(cfg, args.resume)
-        launch.train(cfg)
+        warning = launch.cpu_workload_warning(cfg)
+        if warning:
+            print(warning, flush=True)
+        launch.train(cfg, verbose=args.verbose)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     return 0

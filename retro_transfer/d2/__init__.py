@@ -14,7 +14,7 @@ from .backbone import (
     convert_norm,
     feature_levels,
 )
-from .config import NORMS, ConfigError, add_retro_config, check_config, load_config
+from .config import NORMS, ConfigError, add_retro_config, check_config, load_config, use_shapes
 from .data import DatasetError, build_evaluator, check_datasets, register_shapes
 from .roi_heads import Res5ROIHeadsExtraNorm
 from .weights import (
@@ -39,6 +39,7 @@ __all__ = [
     "add_retro_config",
     "check_config",
     "load_config",
+    "use_shapes",
     "DatasetError",
     "build_evaluator",
     "check_datasets",

@@ -1,11 +1,13 @@
 """The config keys this package adds to Detectron2's, the one way configs are read, and the checks they must pass."""
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+from .data import SHAPES_COCO_PREFIX, SHAPES_PREFIX, register_shapes, shapes_classes, shapes_image_side
 
 NORMS = ("BN", "SyncBN", "FrozenBN", "GN")
 """Values of ``MODEL.TIMM.NORM``; they mean what Detectron2's ``get_norm`` means by them."""
@@ -33,13 +35,22 @@ def add_retro_config(cfg: CN) -> CN:
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # BN, SyncBN (BN when training in one process), FrozenBN, or GN (from scratch only).
     cfg.MODEL.TIMM.NORM = "SyncBN"
-    # Folder written by tools/make_shapes.py; registered as shapes_voc_{train,val,trainval,test}.
+    # Folder written by tools/make_shapes.py; load_config registers it as shapes_voc_{train,val,trainval,test}
+    # and shapes_coco_{train,val,test} (a script that builds its config otherwise calls register_shapes).
     cfg.DATASETS.SHAPES_ROOT = "data/shapes"
     return cfg
 
 
-def load_config(path: os.PathLike, opts: Sequence[str] = ()) -> CN:
+def load_config(
+    path: os.PathLike, opts: Sequence[str] = (), shapes_root: Optional[os.PathLike] = None, register: bool = True
+) -> CN:
     """Detectron2's defaults, this package's keys, the YAML at ``path`` (with its ``_BASE_``) and ``opts``.
+
+    With ``shapes_root``, the config is pointed at the shapes data there
+    (:func:`use_shapes`) before ``opts``, which still win. The shapes data
+    sets are registered from the resulting ``DATASETS.SHAPES_ROOT`` (unless
+    ``register`` is False: a config read only to be looked at), so a script
+    that reads its config here can build a trainer on them directly.
 
     YAML is read with safe loading only: Detectron2's ``merge_from_file``
     falls back to ``yaml.unsafe_load`` by default, which runs a tag such as
@@ -60,10 +71,39 @@ def load_config(path: os.PathLike, opts: Sequence[str] = ()) -> CN:
         raise ConfigError(f"{where} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"bad config {path}: {e}") from None
+    if shapes_root is not None:
+        use_shapes(cfg, shapes_root)
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"bad override ({' '.join(opts)}): {e}") from None
+    if register:
+        register_shapes(cfg.DATASETS.SHAPES_ROOT)
+    return cfg
+
+
+def use_shapes(cfg: CN, root: os.PathLike) -> CN:
+    """Point ``cfg`` at the shapes data in ``root``: its data sets, number of classes and image size.
+
+    What makes a recipe (the model, the schedule, the batch) stays, so a VOC
+    or COCO config runs as it would on its own data, at the shapes data's
+    scale: its images are ``side`` pixels square, and a recipe's 800 px short
+    side would upsample them sixfold. Mask R-CNN configs read the COCO
+    instance annotations (masks as RLE, hence bitmask), the others VOC boxes.
+    """
+    side, classes = shapes_image_side(root), shapes_classes(root)
+    cfg.DATASETS.SHAPES_ROOT = str(root)
+    if cfg.MODEL.MASK_ON:
+        cfg.DATASETS.TRAIN = (SHAPES_COCO_PREFIX + "train", SHAPES_COCO_PREFIX + "val")
+        cfg.DATASETS.TEST = (SHAPES_COCO_PREFIX + "test",)
+        cfg.INPUT.MASK_FORMAT = "bitmask"
+    else:
+        cfg.DATASETS.TRAIN = (SHAPES_PREFIX + "trainval",)
+        cfg.DATASETS.TEST = (SHAPES_PREFIX + "test",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = cfg.MODEL.RETINANET.NUM_CLASSES = len(classes)
+    cfg.INPUT.MIN_SIZE_TRAIN = (side,)
+    cfg.INPUT.MIN_SIZE_TEST = side
+    cfg.INPUT.MAX_SIZE_TRAIN = cfg.INPUT.MAX_SIZE_TEST = 2 * side
     return cfg
 
 

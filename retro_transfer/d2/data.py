@@ -33,7 +33,7 @@ from detectron2.data.datasets import load_coco_json
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import BoxMode
 
-from ..data.shapes import CLASSES, COCO_DIRNAME, COCO_SPLITS, VOC_DIRNAME
+from ..data.shapes import CLASSES, COCO_DIRNAME, COCO_SPLITS, VOC_DIRNAME, ShapesConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,35 @@ class DatasetError(ValueError):
     """A data set a config names is unknown, not on disk or wrongly annotated; the message names the file."""
 
 
+def shapes_classes(root: os.PathLike) -> List[str]:
+    """The class names of the shapes data at ``root`` (its ``classes.txt``; the generator's when absent)."""
+    classes_file = Path(root).expanduser() / "classes.txt"
+    return classes_file.read_text().split() if classes_file.is_file() else list(CLASSES)
+
+
+def shapes_image_side(root: os.PathLike) -> int:
+    """The side of the shapes images at ``root``, from the first annotation (the generator's default if unreadable).
+
+    A folder that is not there is reported by :func:`check_datasets`, with the
+    command that makes it; this only has to give a size meanwhile.
+    """
+    voc = Path(root).expanduser() / VOC_DIRNAME
+    try:
+        first = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+        return int(ET.parse(voc / "Annotations" / f"{first}.xml").findtext("size/width"))
+    except (OSError, IndexError, ET.ParseError, TypeError, ValueError):
+        return ShapesConfig().size
+
+
 def register_shapes(root: os.PathLike) -> List[str]:
     """Register the shapes data at ``root`` (the folder holding ``VOC2007/``); returns the names.
 
-    Registering again (another root, or the same in a second run in one
-    process) replaces the earlier entries.
+    :func:`~retro_transfer.d2.load_config` calls this with the config's
+    ``DATASETS.SHAPES_ROOT``. Registering again (another root, or the same in
+    a second run in one process) replaces the earlier entries.
     """
     root = Path(root).expanduser()
-    classes_file = root / "classes.txt"
-    classes = classes_file.read_text().split() if classes_file.is_file() else list(CLASSES)
+    classes = shapes_classes(root)
     names = []
     for split in SHAPES_SPLITS:
         names.append(_unregister(SHAPES_PREFIX + split))
@@ -305,7 +325,8 @@ def check_datasets(names: Iterable[str]) -> None:
         raise DatasetError(
             f"data set {name}: {missing[0]} not found. Detectron2 reads data sets under $DETECTRON2_DATASETS "
             f"({'now ' + env if env else 'unset, so ./datasets'}), which must hold VOC2007/, VOC2012/ and coco/ "
-            "in their official layouts"
+            "in their official layouts; or run this config on the generated shapes data: "
+            "`python tools/make_shapes.py --out DIR`, then tools/train_net.py ... --shapes DIR"
         )
     use_checked_loaders(names)
 

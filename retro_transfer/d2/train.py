@@ -1,10 +1,14 @@
-"""The Detectron2 trainer used by ``tools/train_net.py`` and the pipeline."""
+"""The Detectron2 trainer used by ``tools/train_net.py`` and the pipeline, and how its start-up is reported."""
 
 import os
 import weakref
+from pathlib import Path
+from typing import Optional
 
 from detectron2.engine import DefaultTrainer
 
+from ..utils.device import Workload, cpu_warning
+from ..utils.quiet import DropInfo, quiet_console
 from .data import build_evaluator
 from .weights import RetroCheckpointer
 
@@ -30,3 +34,50 @@ class RetroTrainer(DefaultTrainer):
         """
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+
+CPU_SIZED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detection" / "base_shapes.yaml"
+"""The detection config sized for a CPU (minutes): the yardstick of :func:`cpu_workload_warning`."""
+
+
+def workload(cfg) -> Workload:
+    """What a config's training costs: iterations, images per iteration, the largest short side they are resized to."""
+    return Workload(cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH, max(cfg.INPUT.MIN_SIZE_TRAIN))
+
+
+def cpu_workload_warning(cfg) -> Optional[str]:
+    """A one-line warning when a config sized for GPUs (a VOC or COCO recipe) is to train on the CPU; else None."""
+    if not str(cfg.MODEL.DEVICE).startswith("cpu"):
+        return None
+    from .config import load_config
+
+    advice = ("lower SOLVER.MAX_ITER, SOLVER.IMS_PER_BATCH or INPUT.MIN_SIZE_TRAIN, "
+              "or train a configs/detection/shapes_*.yaml config")
+    return cpu_warning(workload(cfg), workload(load_config(CPU_SIZED_CONFIG, register=False)), advice)
+
+
+STARTUP = DropInfo(
+    loggers=("detectron2",), families=("detectron2.data", "detectron2.utils.env"), starts=("Model:\n",),
+    harmless=("Some model parameters or buffers are not found in the checkpoint",),
+)
+"""What a quiet console leaves out: ``default_setup``'s environment table, arguments and config dumps (logged on
+``detectron2`` itself), the model's repr, the data loaders' statistics and the seed; and fvcore's list of the
+layers a backbone file does not hold (FPN, heads), which RetroCheckpointer has already checked are only those.
+Other warnings always show."""
+
+
+def quiet_detectron2_console(output_dir: str) -> None:
+    """Set up Detectron2's loggers as ``default_setup`` will, with :data:`STARTUP` on their console handlers.
+
+    ``setup_logger`` is cached on its arguments, so ``default_setup``, calling
+    it with the same ones, gets these loggers back instead of new handlers.
+    The log file (``OUTPUT_DIR/log.txt``) still receives every record.
+    """
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
+
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank)
+    for name in ("fvcore", "detectron2"):
+        quiet_console(name, STARTUP)

@@ -16,6 +16,8 @@ from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from retro_transfer.checkpoints import CheckpointError, safe_load
+from retro_transfer.utils.device import Workload, cpu_warning
+from retro_transfer.utils.quiet import DropInfo, quiet_console, silence_internal_warnings
 
 from .checks import check_data, check_segmentor_checkpoint, checkpoint_to_load
 
@@ -129,28 +131,72 @@ def _read_checkpoint(cfg: Config) -> Tuple[Optional[str], Optional[dict]]:
     return path, (safe_load(path) if path and "://" not in path else None)
 
 
-def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict]) -> Runner:
-    """The Runner, once the checkpoint it will load is known to fill its model."""
-    runner = Runner.from_cfg(cfg)
+class QuietRunner(Runner):
+    """MMEngine's Runner whose console leaves out its start-up report (environment, config, hook order).
+
+    Its log file in the work dir keeps the report; warnings always show.
+    """
+
+    STARTUP = DropInfo(
+        starts=("\n---", "Config:\n", "Hooks will be executed", "Distributed training is not used"),
+        # MMEngine's and MMSeg's notes on their own APIs, which these configs use as documented.
+        harmless=("The prefix is not set in metric class", '"FileClient" will be deprecated',
+                  '"HardDiskBackend" is the alias'),
+    )
+
+    def build_logger(self, *args, **kwargs):
+        logger = super().build_logger(*args, **kwargs)
+        quiet_console(logger, self.STARTUP)
+        return logger
+
+
+def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict], verbose: bool = False) -> Runner:
+    """The Runner, once the checkpoint it will load is known to fill its model; quiet unless ``verbose``."""
+    if not verbose:
+        silence_internal_warnings()
+    runner = (Runner if verbose else QuietRunner).from_cfg(cfg)
     if ckpt is not None:
         check_segmentor_checkpoint(runner.model, ckpt, path)
     return runner
 
 
-def train(cfg: Config) -> Runner:
+def train(cfg: Config, verbose: bool = False) -> Runner:
     """Train (and validate every ``val_interval``) as the config says; returns the Runner."""
     check_pretrained(cfg)  # the Runner initialises the backbone even when it then resumes
     path, ckpt = _read_checkpoint(cfg)
     check_data(cfg, ["train_dataloader"] + (["val_dataloader"] if cfg.get("val_cfg") else []))
-    runner = _runner(cfg, path, ckpt)
+    runner = _runner(cfg, path, ckpt, verbose)
     runner.train()
     return runner
 
 
-def test(cfg: Config, checkpoint: str) -> dict:
+def test(cfg: Config, checkpoint: str, verbose: bool = False) -> dict:
     """Evaluate ``checkpoint`` (a Runner checkpoint) on the config's test set; returns the metrics."""
     cfg.load_from = checkpoint
     cfg.resume = False
     path, ckpt = _read_checkpoint(cfg)
     check_data(cfg, ["test_dataloader"])
-    return dict(_runner(cfg, path, ckpt).test())
+    return dict(_runner(cfg, path, ckpt, verbose).test())
+
+
+CPU_SIZED_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "segmentation" / "shapes_fcn_r18.py"
+"""The segmentation config sized for a CPU (minutes): the yardstick of :func:`cpu_workload_warning`."""
+
+
+def workload(cfg: Config) -> Optional[Workload]:
+    """What a config's training costs (iterations, batch, crop side); None for a config without ``crop_size``."""
+    crop = cfg.get("crop_size")
+    return Workload(cfg.train_cfg.max_iters, cfg.train_dataloader.batch_size, max(crop)) if crop else None
+
+
+def cpu_workload_warning(cfg: Config, on_cpu: Optional[bool] = None) -> Optional[str]:
+    """A one-line warning when a config sized for GPUs is to train on the CPU; else None.
+
+    ``on_cpu`` defaults to where MMEngine will put the run: the CPU when torch finds no CUDA device.
+    """
+    run = workload(cfg)
+    if run is None or not (on_cpu if on_cpu is not None else not torch.cuda.is_available()):
+        return None
+    advice = ("lower train_cfg.max_iters or train_dataloader.batch_size with --cfg-options, "
+              "or train a configs/segmentation/shapes_*.py config")
+    return cpu_warning(run, workload(Config.fromfile(str(CPU_SIZED_CONFIG))), advice)
