@@ -226,7 +226,7 @@ class DataConfig(_Section):
         ge=0,
     )
     skip_bad_images: bool = _opt(
-        False, "train without the image files whose header does not read (refused otherwise, listing them)"
+        False, "train without the image files that do not read whole (refused otherwise, listing them)"
     )
 
 
