@@ -44,6 +44,7 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
         backbone=Part(outer + "online_encoder.net.", accept=not_under("fc"), note="without fc (unused by BYOL)"),
         head=Part(projector),
         build_head=lambda head: MLPHead.from_state(head, nn.ReLU, bias=True),
+        head_layers=(0, 1, 3),
         entries=entries,
         wrapper=outer,
         reasons={
