@@ -367,3 +367,16 @@ def test_the_knn_monitor_names_a_train_image_cut_short(tmp_path):
     _cut_jpeg(data / "train" / "a" / "0.jpg")
     with pytest.raises(ConfigError, match=rf"eval.knn_data: image {data / 'train' / 'a' / '0.jpg'} is not readable"):
         KnnMonitor(data, image_size=16, k=1, max_images=4, device=torch.device("cpu"))
+
+
+def test_the_knn_monitor_refuses_non_finite_features(tmp_path):
+    """A student whose features went NaN stops the run (the engine turns this into its non-finite-loss stop)."""
+    from distill.monitor import KnnMonitor
+
+    class NanStudent(nn.Module):
+        def monitored_features(self, images):
+            return {"backbone": torch.full((images.shape[0], 4), float("nan"))}
+
+    monitor = KnnMonitor(_image_folder(tmp_path / "d"), image_size=16, k=1, max_images=4, device=torch.device("cpu"))
+    with pytest.raises(NonFiniteFeaturesError, match="training features are not finite"):
+        monitor(NanStudent())
