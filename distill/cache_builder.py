@@ -173,7 +173,7 @@ def _written_shards(out: Path) -> Dict[str, Dict]:
 
 
 def _record_shards_in_manifest(out: Path) -> None:
-    """Move every process's shard records into the manifest (one writer, after all are done), then drop the record files."""
+    """Move every process's shard records into the manifest (one writer, all processes done); drop the record files."""
     manifest = read_manifest(out)
     manifest["shards"] = dict(sorted(_written_shards(out).items()))
     _save_json(manifest, out / TEACHER_CACHE_MANIFEST)

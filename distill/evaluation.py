@@ -157,7 +157,8 @@ def _check_images(folder: Path, classes: Sequence[str]) -> None:
     Found while the data loader runs, such a file is a traceback from a worker
     process, or a wait forever (a FIFO), after minutes of feature extraction.
     """
-    files = [Path(path) for path, _ in make_dataset(str(folder), {name: i for i, name in enumerate(classes)}, IMG_EXTENSIONS)]
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    files = [Path(path) for path, _ in make_dataset(str(folder), class_to_idx, IMG_EXTENSIONS)]
     bad = unreadable_images(files)
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""

@@ -14,7 +14,6 @@ from detectron2.data import DatasetCatalog
 
 from retro_transfer.d2 import ConfigError, DatasetError, load_config, register_shapes
 from test_safety_downstream import (  # noqa: F401  (the tools fixture and helpers)
-    DETECTION,
     d2_args,
     edit_first_object,
     first_annotation,

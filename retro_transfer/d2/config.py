@@ -78,7 +78,8 @@ def _base_of(path: Path) -> Optional[Path]:
     except (yaml.YAMLError, UnicodeDecodeError):
         return None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} is not a Detectron2 config: its YAML is a {type(data).__name__}, not a mapping of keys")
+        kind = type(data).__name__
+        raise ConfigError(f"{path} is not a Detectron2 config: its YAML is a {kind}, not a mapping of keys")
     base = data.get("_BASE_")
     if not base:
         return None
