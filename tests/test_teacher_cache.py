@@ -465,3 +465,17 @@ def test_a_killed_build_continues_from_its_shard_records(one_step_shards, shapes
     for step in range(STEPS):  # each shard passes its SHA-256 check, and holds the whole build's embeddings
         for a, b in zip(resumed.embeddings(step, 0, 1, torch.device("cpu")), whole.embeddings(step, 0, 1, torch.device("cpu"))):
             torch.testing.assert_close(a, b, rtol=FP16_AFTER_RENORM, atol=1e-6)
+
+
+def test_the_builder_names_a_jpeg_cut_short(shapes_root, teacher_ckpt, tmp_path):
+    """tools/cache_teacher.py crashed with "image file is truncated" at the batch that held it (issue 23, point 10)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in list_images(shapes_root / "unlabeled"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    cut = sorted(folder.glob("*.jpg"))[5]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cfg = config(shapes_root, teacher_ckpt, tmp_path / "unused", "retro", f"data.train_dir={folder}")
+    with pytest.raises(ConfigError, match=rf"1 of 24 files in data.train_dir are not readable images: {cut} .*truncated"):
+        build_cache(cfg, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
