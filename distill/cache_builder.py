@@ -8,9 +8,13 @@ function as a step does (:func:`distill.methods.base.embed_views`) under the
 same autocast, and writes them to ``out`` (layout: :mod:`distill.teacher_cache`).
 
 Under ``torchrun`` process r of W computes and writes shards r, r + W, ...:
-no process waits for another until the end. A build that stops (killed, out
-of time) is continued by running it again: shards are written atomically, so
-a shard file that exists is whole, and only the missing ones are computed.
+no process waits for another until the end. Each process records what it
+wrote next to the shard (``shard_000000.json``: its steps and SHA-256, written
+after the shard); at the end, when every process is done, the first one moves
+those records into the manifest, the only writer of that file. A build that
+stops (killed, out of time) is continued by running it again: files are
+written atomically, so a recorded shard is whole, and only the shards without
+a record (or file) are computed.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ from .teacher_cache import (
     read_manifest,
     run_fields,
     shard_name,
+    shard_record,
     shard_steps,
 )
+
+_RECORD_SUFFIX = ".json"
 
 
 def check_buildable(cfg: Config, dtype: str, steps_per_shard: Optional[int]) -> None:
@@ -127,21 +134,51 @@ def build_cache(cfg: Config, out, dtype: str = "float16", steps_per_shard: Optio
         continuing = _check_existing(out, manifest)
         out.mkdir(parents=True, exist_ok=True)
         if not continuing:
-            save_atomic(manifest, out / TEACHER_CACHE_MANIFEST, dump=lambda m, f: f.write((json.dumps(m, indent=2) + "\n").encode()))
+            _save_json(manifest, out / TEACHER_CACHE_MANIFEST)
     if distributed:
         dist.barrier()
 
     total = manifest["storage"]["num_shards"]
-    todo = [k for k in range(rank, total, world) if not (out / shard_name(k)).is_file()]
+    recorded = _written_shards(out)
+    todo = [k for k in range(rank, total, world) if shard_name(k) not in recorded]
     if main:
-        done = total - sum(1 for k in range(total) if not (out / shard_name(k)).is_file())
+        done = sum(1 for k in range(total) if shard_name(k) in recorded)
         print(f"teacher cache {out}: {done} of {total} shard(s) already written; {world} process(es) compute the rest", flush=True)
     _compute_shards(cfg, out, teacher, files, views, todo, steps_per_shard, dtype, device, autocast_dtype, show=main)
     if distributed:
         dist.barrier()  # every shard is written when all processes are here
+    if main:
+        _record_shards_in_manifest(out)
+    if distributed:
+        dist.barrier()  # the cache is complete (and readable) when every process returns
     size = sum((out / shard_name(k)).stat().st_size for k in range(total))
     return {"shards": total, "computed_here": len(todo), "steps": cfg.train.max_steps, "views": views, "dim": dim,
             "dtype": dtype, "megabytes": size / 2**20}  # fmt: skip
+
+
+def _record_path(out: Path, shard: int) -> Path:
+    return out / (shard_name(shard)[: -len(".pth")] + _RECORD_SUFFIX)
+
+
+def _save_json(obj: Dict, path: Path) -> None:
+    save_atomic(obj, path, dump=lambda o, f: f.write((json.dumps(o, indent=2) + "\n").encode()))
+
+
+def _written_shards(out: Path) -> Dict[str, Dict]:
+    """The shards whose file is there and recorded, in the manifest or (a build not finished yet) in a record file."""
+    records = dict(read_manifest(out).get("shards") or {})
+    for path in out.glob("shard_*" + _RECORD_SUFFIX):
+        records[path.name[: -len(_RECORD_SUFFIX)] + ".pth"] = json.loads(path.read_text())
+    return {name: record for name, record in records.items() if (out / name).is_file()}
+
+
+def _record_shards_in_manifest(out: Path) -> None:
+    """Move every process's shard records into the manifest (one writer, all processes done); drop the record files."""
+    manifest = read_manifest(out)
+    manifest["shards"] = dict(sorted(_written_shards(out).items()))
+    _save_json(manifest, out / TEACHER_CACHE_MANIFEST)
+    for path in out.glob("shard_*" + _RECORD_SUFFIX):
+        path.unlink()
 
 
 def _compute_shards(
@@ -166,4 +203,7 @@ def _compute_shards(
         if len(rows) == len(shard_steps(shard, steps_per_shard, max_steps)):
             stacked = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
             save_atomic(stacked, out / shard_name(shard))
+            # After the shard: a record names a whole file, so a build stopped in between just recomputes the shard.
+            steps = shard_steps(shard, steps_per_shard, max_steps)
+            _save_json(shard_record(out / shard_name(shard), steps), _record_path(out, shard))
             shard, rows = next(pending, None), []

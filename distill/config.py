@@ -219,7 +219,10 @@ class DataConfig(_Section):
     train_dir: str = _opt(
         None, "image folder: flat, or class subfolders one level down (ImageNet train/)", required=True
     )
-    image_size: int = _opt(224, "crop side in pixels", ge=32, hint="the backbones downsample 32x")
+    # 1024: four times ImageNet's 224 already takes 16x its memory per view; beyond it a batch cannot be allocated.
+    image_size: int = _opt(
+        224, "crop side in pixels", ge=32, le=1024, hint="the backbones downsample 32x; ImageNet uses 224"
+    )
     num_workers: int = _opt(4, "data loader processes per training process", ge=0)
     crop_min_scale: float = _opt(0.2, "RandomResizedCrop minimum area fraction", gt=0, le=1)
     in_memory_mb: int = _opt(
@@ -229,7 +232,7 @@ class DataConfig(_Section):
         ge=0,
     )
     skip_bad_images: bool = _opt(
-        False, "train without the image files whose header does not read (refused otherwise, listing them)"
+        False, "train without the image files that do not read whole (refused otherwise, listing them)"
     )
 
 

@@ -8,6 +8,8 @@ sample, as usual. Both give the same pixels.
 """
 
 import hashlib
+import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -29,7 +31,12 @@ SIZE_SAMPLE = 64
 
 
 def list_images(root) -> List[Path]:
-    """Images directly in ``root`` (a flat folder) or one level down (ImageNet's ``train/<wnid>/``)."""
+    """Images directly in ``root`` (a flat folder) or one level down (ImageNet's ``train/<wnid>/``).
+
+    Every entry named like an image is listed, a FIFO or a broken link too:
+    :func:`unreadable_images` names those without opening them (opening a FIFO
+    blocks), so that they are refused or skipped like any other bad file.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -43,31 +50,59 @@ def list_images(root) -> List[Path]:
 
 
 def read_rgb(path: Path) -> torch.Tensor:
-    """The image at ``path`` as a uint8 (3, H, W) RGB tensor."""
-    with Image.open(path) as image:
-        array = np.array(image.convert("RGB"))  # a writable copy
+    """The image at ``path`` as a uint8 (3, H, W) RGB tensor; an undecodable file is named in the error."""
+    try:
+        with Image.open(path) as image:
+            array = np.array(image.convert("RGB"))  # a writable copy
+    except Exception as err:  # a file changed since the check (unreadable_images) ran
+        raise OSError(f"cannot decode image {path} ({type(err).__name__}: {err})") from err
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def _header_error(path: Path) -> str:
-    """Why PIL cannot read the image header of ``path`` ("" when it can); the pixels are not decoded."""
+#: The bytes a complete file of a format ends with: JPEG's end-of-image marker, PNG's IEND chunk.
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def image_error(path: Path) -> str:
+    """Why ``path`` is not a whole, decodable image ("" when it is).
+
+    The header is parsed and the file's last bytes compared with its format's
+    end marker: a file cut short (a copy stopped half way) fails here, at the
+    check, rather than with "image file is truncated" at the first batch that
+    decodes it. Only a file whose end does not look complete (or of a format
+    without a marker) is decoded in full, so a clean ImageNet costs a header and
+    a few bytes per file. Anything but a regular file (a FIFO named ``x.jpg``)
+    is refused without being opened: reading a FIFO waits for a writer forever.
+    """
     try:
-        with Image.open(path):  # parses the header (format, size, mode) only
-            pass
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file (a FIFO, socket or device named like an image)"
+        with Image.open(path) as image:
+            if not _ends_with_marker(path, image.format):
+                image.load()  # raises OSError "image file is truncated" on a file cut short
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError...
         return f"{type(err).__name__}: {err}"
     return ""
 
 
+def _ends_with_marker(path: Path, image_format: Optional[str]) -> bool:
+    marker = END_MARKERS.get(image_format or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - len(marker)))
+        return f.read() == marker
+
+
 def unreadable_images(files: Sequence[Path], threads: int = 16) -> List[Tuple[Path, str]]:
-    """The files whose image header does not read, with the reason, in the order of ``files``.
+    """The files that are not whole images (:func:`image_error`), with the reason, in the order of ``files``.
 
     Run when the data list is built, so that a corrupt file stops a run in
-    seconds rather than at the first batch that meets it, hours in. Opening a
-    header reads a few kilobytes; threads overlap the reads on network disks.
+    seconds rather than at the first batch that meets it, hours in. A check
+    reads a few kilobytes; threads overlap the reads on network disks.
     """
     with ThreadPoolExecutor(threads) as pool:
-        errors = list(pool.map(_header_error, files))
+        errors = list(pool.map(image_error, files))
     return [(path, error) for path, error in zip(files, errors) if error]
 
 

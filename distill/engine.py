@@ -536,6 +536,14 @@ class Trainer:
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         return view.to(self.device, non_blocking=True, memory_format=memory_format)
 
+    def _monitor(self) -> Dict[str, float]:
+        """The k-NN monitor's numbers; non-finite features stop the run as a non-finite loss does."""
+        try:
+            return self.monitor(self.method)
+        except FloatingPointError as err:
+            where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"k-NN monitor at step {self.step}: {err}; the run stopped and {where}") from err
+
     def train_step(self, views, teacher: Optional[Tuple[torch.Tensor, ...]] = None) -> Dict[str, float]:
         """One optimiser step on ``views``; ``teacher``: the teacher's embeddings of them from the cache, if any."""
         out = forward_losses(self.model, views, self.device.type, self.autocast_dtype, teacher)
@@ -580,7 +588,7 @@ class Trainer:
                 last = self.step == cfg.train.max_steps
                 monitor_now = self.monitor is not None and (self.step % cfg.eval.every == 0 or last)
                 if monitor_now:
-                    terms.update(self.monitor(self.method))
+                    terms.update(self._monitor())
                 if main and (self.step % cfg.log.every == 0 or last or monitor_now):
                     self._log(terms, bar, writer, log_file)
                 tick = time.perf_counter()  # the monitor's and the log's time are not the step's

@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from retro_transfer.utils.progress import progress_bar
 
 from .common import EVAL_DATA_HINT, IMAGENET_MEAN, IMAGENET_STD, has_image
+from .data import unreadable_images
 
 Device = Union[str, torch.device]
 
@@ -66,6 +67,10 @@ KNN_MAX_SIM_ELEMENTS = 1 << 26
 
 class DataError(ValueError):
     """A data folder that cannot be used, with a one-line reason a user can act on."""
+
+
+class NonFiniteFeaturesError(FloatingPointError):
+    """An encoder gave NaN or infinite features (NaN weights, an overflow); no number is computed from them."""
 
 
 # --------------------------------------------------------------------------- transforms
@@ -141,7 +146,23 @@ def check_image_folder(root: Union[str, Path], splits: Sequence[str] = ("train",
                 f"{Path(root) / first} and {Path(root) / split} have different class folders "
                 f"(only in {first}: {', '.join(only_first[:5]) or '-'}; only in {split}: {', '.join(only_other[:5]) or '-'})"
             )
+    for split in splits:
+        _check_images(Path(root) / split, classes)
     return classes
+
+
+def _check_images(folder: Path, classes: Sequence[str]) -> None:
+    """Refuse a split holding a file that does not decode whole (empty, cut short, a FIFO), naming it.
+
+    Found while the data loader runs, such a file is a traceback from a worker
+    process, or a wait forever (a FIFO), after minutes of feature extraction.
+    """
+    class_to_idx = {name: i for i, name in enumerate(classes)}
+    files = [Path(path) for path, _ in make_dataset(str(folder), class_to_idx, IMG_EXTENSIONS)]
+    bad = unreadable_images(files)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DataError(f"image {bad[0][0]} is not readable ({bad[0][1]}){more}; delete or replace it")
 
 
 def image_folder(root: Union[str, Path], split: str, transform) -> ImageFolder:
@@ -220,6 +241,22 @@ def _check_features(feats: torch.Tensor, images: torch.Tensor) -> None:
             f"the encoder must map images (B, 3, H, W) to pooled features (B, D); got {tuple(feats.shape)} "
             f"for input {tuple(images.shape)}"
         )
+    check_finite_features(feats)
+
+
+def check_finite_features(feats: torch.Tensor, what: str = "the encoder's features") -> None:
+    """Refuse NaN or infinite features: k-NN over NaN similarities still votes (for class 0), and reports a number.
+
+    Every evaluator calls this where features are made, so a broken checkpoint
+    (NaN weights) is one line instead of a plausible-looking accuracy.
+    """
+    finite = torch.isfinite(feats)
+    if not finite.all():
+        count = int((~finite).any(dim=-1).sum()) if feats.ndim > 1 else int((~finite).sum())
+        raise NonFiniteFeaturesError(
+            f"{what} are not finite (NaN or infinite for {count} of {feats.shape[0]} images: NaN weights or an "
+            "overflow); no accuracy is computed from them"
+        )
 
 
 def extract_features(
@@ -292,6 +329,8 @@ def _check_knn_inputs(train_feats, train_labels, test_feats, num_classes, k, tem
         )
     if train_feats.shape[0] == 0 or test_feats.shape[0] == 0:
         raise ValueError("k-NN needs at least one training and one test feature")
+    check_finite_features(train_feats, "the training features")
+    check_finite_features(test_feats, "the test features")
     if train_labels.shape != (train_feats.shape[0],):
         raise ValueError(f"{train_feats.shape[0]} training features but labels of shape {tuple(train_labels.shape)}")
     low, high = int(train_labels.min()), int(train_labels.max())

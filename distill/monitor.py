@@ -25,7 +25,8 @@ import torch
 from torchvision import transforms
 
 from .common import IMAGENET_MEAN, IMAGENET_STD
-from .evaluation import CENTER_CROP_FRACTION, check_image_folder, knn_classify
+from .config import ConfigError
+from .evaluation import CENTER_CROP_FRACTION, DataError, check_image_folder, knn_classify
 from .methods import DistillMethod
 
 BATCH = 256
@@ -59,7 +60,10 @@ class KnnMonitor:
 
     def __init__(self, root, image_size: int, k: int, max_images: int, device: torch.device) -> None:
         root = Path(root)
-        self.classes = check_image_folder(root)
+        try:
+            self.classes = check_image_folder(root)
+        except DataError as err:  # a one-line refusal from the tool, as for every other config value
+            raise ConfigError(f"eval.knn_data: {err}") from err
         self.train = _load_split(root, "train", image_size, max_images)
         self.val = _load_split(root, "val", image_size, max_images)
         self.k, self.device = k, device

@@ -43,6 +43,8 @@ from retro_transfer.utils.progress import progress_bar
 
 from .evaluation import (
     DataError,
+    NonFiniteFeaturesError,
+    check_finite_features,
     check_image_folder,
     default_milestones,
     eval_transform,
@@ -227,6 +229,7 @@ def _predict(model: nn.Module, loader: DataLoader, device: torch.device) -> Tupl
     with torch.inference_mode():
         for images, targets in progress_bar(loader, desc="evaluate (val)", total=len(loader)):
             scores.append(model(images.to(device, non_blocking=True)).float().cpu())
+            check_finite_features(scores[-1], "the fine-tuned network's class scores")
             labels.append(torch.as_tensor(targets).long())
     if not scores:
         raise ValueError("the validation loader yielded no images")
@@ -258,6 +261,7 @@ def fine_tune(
     re-seeded for the duration); seed the loaders too (:func:`make_loader`).
     """
     _check_finetune_args(num_classes, epochs, lr_backbone, lr_classifier, momentum, weight_decay, schedule)
+    _check_finite_weights(encoder)
     device = torch.device(device)
     if schedule == "cosine":
         milestones = []
@@ -291,6 +295,17 @@ def fine_tune(
         "final_train_loss": loss,
         "num_val": int(labels.shape[0]),
     }
+
+
+def _check_finite_weights(encoder: nn.Module) -> None:
+    """Refuse a backbone with NaN or infinite weights: its features are NaN, and the first loss would blame the lr."""
+    state = encoder.state_dict()
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteFeaturesError(
+            f"the backbone's weights are not finite ({len(bad)} of {len(state)} tensors, e.g. {bad[0]}), so its "
+            "features are too; fine-tune another checkpoint"
+        )
 
 
 def _describe_subset(train: ImageFolder, indices: Sequence[int], how: str, requested: Optional[float]) -> Dict:

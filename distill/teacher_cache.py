@@ -13,7 +13,10 @@ A cache folder holds
 
 * ``manifest.json``: ``run``, everything the embeddings depend on
   (:data:`RUN_FIELDS`), compared with the run that reads it; ``storage``, how
-  they are stored; ``about``, where they came from (not compared);
+  they are stored; ``about``, where they came from (not compared); ``shards``,
+  each shard's steps and the SHA-256 of its file as written, checked when a
+  run opens the shard (a shard swapped for another, even of the same shape,
+  is refused);
 * ``shard_000000.pth``, ...: shard k holds steps [k S, (k + 1) S) as
   ``embeddings`` (steps, batch, views, dim): float16, or int8 with a per-row
   ``scale``. Row b of step s is the b-th image of the global batch of step s
@@ -42,7 +45,8 @@ from retro_transfer.checkpoints import CheckpointError, safe_load
 from .config import TEACHER_CACHE_MANIFEST, Config, ConfigError
 from .data import moco_v2_augmentation
 
-FORMAT = "retro-transfer/teacher-cache v1"
+# v2: the manifest records each shard's SHA-256 (v1 caches hold none, so they are rebuilt).
+FORMAT = "retro-transfer/teacher-cache v2"
 DTYPES = {"float16": torch.float16, "int8": torch.int8}
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # What the embeddings depend on, in the order a mismatch is reported (the first one found).
@@ -147,6 +151,18 @@ def shard_name(shard: int) -> str:
     return f"shard_{shard:06d}.pth"
 
 
+def shard_record(path: Path, steps: range) -> Dict[str, Any]:
+    """What the manifest keeps of a written shard: its steps [start, stop) and the SHA-256 of its bytes."""
+    return {"steps": [steps.start, steps.stop], "sha256": file_sha256(path)}
+
+
+def rebuild_hint(folder: Path) -> str:
+    return (
+        f"`python tools/cache_teacher.py --config CONFIG [the same key=value ...] --out {folder}` "
+        "(it rewrites only the missing shards)"
+    )
+
+
 def encode(t: torch.Tensor, dtype: str) -> Dict[str, torch.Tensor]:
     """Unit vectors (..., dim) in float32 -> what a shard stores: float16, or int8 with a float32 scale per row."""
     if dtype == "float16":
@@ -190,6 +206,7 @@ class TeacherCache:
         self.folder, self.views = Path(folder), views
         self.batch_size, self.stored_views, self.max_steps = run["batch_size"], run["views"], run["max_steps"]
         self.steps_per_shard, self.dim, self.dtype = storage["steps_per_shard"], storage["dim"], storage["dtype"]
+        self.records: Mapping[str, Any] = manifest.get("shards") or {}
         self._shard_index: Optional[int] = None
         self._shard: Dict[str, torch.Tensor] = {}
 
@@ -210,9 +227,9 @@ class TeacherCache:
         return cache
 
     def check_complete(self, max_steps: int) -> None:
-        """Every shard of steps [0, max_steps) is there (a build that stopped leaves some out)."""
+        """Every shard of steps [0, max_steps) is there and recorded (a build that stopped leaves some out)."""
         shards = range(num_shards(max_steps, self.steps_per_shard))
-        missing = [k for k in shards if not (self.folder / shard_name(k)).is_file()]
+        missing = [k for k in shards if shard_name(k) not in self.records or not (self.folder / shard_name(k)).is_file()]
         if missing:
             raise ConfigError(
                 f"teacher.cache={self.folder} is incomplete: {len(missing)} of the {len(shards)} shards this run reads "
@@ -228,6 +245,7 @@ class TeacherCache:
 
     def _load(self, shard: int) -> Dict[str, torch.Tensor]:
         path = self.folder / shard_name(shard)
+        self._check_recorded(shard, path)
         data = safe_load(path)
         steps = len(shard_steps(shard, self.steps_per_shard, self.max_steps))
         expected = (steps, self.batch_size, self.stored_views, self.dim)
@@ -239,6 +257,21 @@ class TeacherCache:
                 "tools/cache_teacher.py again with the same config and --out to rewrite it"
             )
         return data
+
+    def _check_recorded(self, shard: int, path: Path) -> None:
+        """The file is the shard the builder wrote: its steps and bytes are the manifest's record of it.
+
+        A shard of the right shape but the wrong content (another run's, a
+        neighbour's, zeros) would otherwise train silently on wrong targets.
+        Hashing a 64 MiB shard takes a fraction of a second, once per shard.
+        """
+        steps = shard_steps(shard, self.steps_per_shard, self.max_steps)
+        record = self.records.get(shard_name(shard)) or {}
+        if record.get("steps") != [steps.start, steps.stop] or record.get("sha256") != file_sha256(path):
+            raise CheckpointError(
+                f"teacher.cache: {path} (steps {steps.start}-{steps.stop - 1}) is not the shard the cache's manifest "
+                f"records (SHA-256 differs): it was replaced or damaged; delete it and run {rebuild_hint(self.folder)}"
+            )
 
     def embeddings(self, step: int, rank: int, world: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
         """The teacher's unit embeddings of this process's images at ``step``, one (B / world, dim) tensor per view."""

@@ -479,6 +479,19 @@ def _check_head_input(teacher: Teacher, file_name, source: str) -> None:
     )
 
 
+def _check_head_complete(layout: TeacherLayout, head_state: StateDict, source: str) -> None:
+    """Refuse a head missing one of its family's layers: the rest would build a shorter head that loads cleanly."""
+    present = {int(name.split(".", 1)[0]) for name in head_state if name.split(".", 1)[0].isdigit()}
+    missing = [index for index in layout.head_layers if index not in present]
+    if missing:
+        names = ", ".join(layout.head.file_name(str(index)) for index in missing)
+        raise CheckpointError(
+            f"{source}: the {layout.family} projection head has no {names} (its layers are "
+            f"{', '.join(layout.head.file_name(str(i)) for i in layout.head_layers)}): the file is damaged; "
+            "use the complete release file"
+        )
+
+
 def _describe_head(layout: TeacherLayout, head: Optional[nn.Module]) -> str:
     if head is None:
         return ""
@@ -501,6 +514,8 @@ def _teacher_from_checkpoint(
     arch = _resolve_arch(backbone, arch, source)
     if require_head and not head_state:
         raise CheckpointError(_require_head_message(source, layout, arch))
+    if head_state:
+        _check_head_complete(layout, head_state, source)
     head = _build(layout.build_head, head_state, source=source) if head_state else None
     teacher = _uninitialised_teacher(arch, head)
     file_name = _file_namer(layout)

@@ -278,6 +278,7 @@ def test_student_arch_must_be_a_timm_model():
     ("train.batch_size=0", "train.batch_size must be > 0, got 0"),
     ("train.max_steps=-1", "train.max_steps must be > 0, got -1"),
     ("data.image_size=16", "data.image_size must be >= 32"),
+    ("data.image_size=100000", "data.image_size must be >= 32 and <= 1024"),  # issue 23: a batch cannot be allocated
     ("loss.momentum=1", "loss.momentum must be >= 0 and < 1, got 1.0"),
     ("train.momentum=-0.1", "train.momentum must be >= 0 and < 1"),
     ("loss.temperature=0", "loss.temperature must be > 0, got 0.0"),

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.evaluation import (
     DataError,
+    NonFiniteFeaturesError,
     check_image_folder,
     default_milestones,
     eval_transform,
@@ -289,3 +291,92 @@ def test_cli_checkpoint_errors_are_one_line_exit_2(tool, shapes_root, teacher_ch
     torch.save({"not": torch.zeros(1)}, junk)
     code, _, err = _run(tool, [junk, "--data", data], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "junk.pth" in err, err
+
+
+# ------------------------------------------------------------------ hostile inputs (issue 23, points 6, 8, 10, 11)
+
+
+_COMMON = ["--batch-size", 2, "--image-size", 16, "--workers", 0, "--device", "cpu"]
+_QUICK = {"linear_eval": ["--epochs", 1, *_COMMON], "knn_eval": _COMMON, "semisup_eval": ["--epochs", 1, *_COMMON]}
+
+
+def _nan_teacher(tmp_path):
+    """A ResNet-18 state dict with one NaN weight: every feature it gives is NaN."""
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan_r18.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_non_finite_features_are_refused_where_features_are_made():
+    nan_encoder = nn.Sequential(nn.Flatten(), nn.Linear(3, 2))
+    with torch.no_grad():
+        nan_encoder[1].weight[0, 0] = float("nan")
+    loader = DataLoader(TensorDataset(torch.ones(4, 3, 1, 1), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    with pytest.raises(NonFiniteFeaturesError, match=r"not finite \(NaN or infinite for 2 of 2 images"):
+        extract_features(nan_encoder, loader)
+    train, labels, query = _toy()
+    with pytest.raises(NonFiniteFeaturesError, match="training features are not finite"):
+        knn_classify(train.clone().fill_(float("inf")), labels, query, 2)
+    with pytest.raises(NonFiniteFeaturesError, match="test features are not finite"):
+        knn_classify(train, labels, torch.full_like(query, float("nan")), 2)
+
+
+@pytest.mark.parametrize("tool", ["linear_eval", "knn_eval"])
+def test_cli_refuses_a_teacher_with_nan_weights(tool, tmp_path, capsys):
+    """It used to print "top-1 10.00" (k-NN over NaN similarities votes anyway)."""
+    data = _image_folder(tmp_path / "d")
+    argv = [_nan_teacher(tmp_path), "--data", data, *_QUICK[tool]]
+    code, stdout, err = _run(tool, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "features are not finite" in err and "top-1" not in stdout, err
+
+
+def _cut_jpeg(path):
+    """A noisy JPEG cut in half: the header (tables, size) reads, the pixels do not."""
+    gen = torch.Generator().manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (48, 48, 3), generator=gen, dtype=torch.uint8).numpy()).save(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+
+
+@pytest.mark.timeout(120)  # opening the FIFO would wait forever
+@pytest.mark.parametrize("bad", ["empty", "cut", "fifo"])
+@pytest.mark.parametrize("tool", ["linear_eval", "knn_eval"])
+def test_cli_names_a_val_image_that_does_not_read_whole(tool, bad, teacher_checkpoint, tmp_path, capsys):
+    """A 0-byte file (UnidentifiedImageError), a JPEG cut short (OSError: image file is truncated), a FIFO (a hang)."""
+    data = _image_folder(tmp_path / "d")
+    path = data / "val" / "b" / "1.jpg"
+    {"empty": lambda p: p.write_bytes(b""), "cut": _cut_jpeg, "fifo": os.mkfifo}[bad](path)
+    argv = [teacher_checkpoint, "--data", data, *_QUICK[tool]]
+    code, _, err = _run(tool, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"image {path} is not readable" in err, err
+
+
+def test_the_knn_monitor_names_a_train_image_cut_short(tmp_path):
+    """The distillation run's monitor reads eval.knn_data itself: a ConfigError, one line from tools/distill.py."""
+    from distill.config import ConfigError
+    from distill.monitor import KnnMonitor
+
+    data = _image_folder(tmp_path / "d")
+    _cut_jpeg(data / "train" / "a" / "0.jpg")
+    with pytest.raises(ConfigError, match=rf"eval.knn_data: image {data / 'train' / 'a' / '0.jpg'} is not readable"):
+        KnnMonitor(data, image_size=16, k=1, max_images=4, device=torch.device("cpu"))
+
+
+def test_the_knn_monitor_refuses_non_finite_features(tmp_path):
+    """A student whose features went NaN stops the run (the engine turns this into its non-finite-loss stop)."""
+    from distill.monitor import KnnMonitor
+
+    class NanStudent(nn.Module):
+        def monitored_features(self, images):
+            return {"backbone": torch.full((images.shape[0], 4), float("nan"))}
+
+    monitor = KnnMonitor(_image_folder(tmp_path / "d"), image_size=16, k=1, max_images=4, device=torch.device("cpu"))
+    with pytest.raises(NonFiniteFeaturesError, match="training features are not finite"):
+        monitor(NanStudent())

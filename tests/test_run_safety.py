@@ -121,36 +121,51 @@ def test_overwrite_and_resume_together_are_refused(shapes_root, tmp_path):
 
 @pytest.fixture
 def data_with_bad_files(shapes_root, tmp_path) -> tuple:
-    """The 24 shapes images plus three files that are no images: random bytes, an empty file, text."""
+    """The 24 shapes images plus five files that are no whole images.
+
+    Random bytes, an empty file, text; a JPEG cut in half (its header intact,
+    so only decoding finds it) and a FIFO named like a JPEG (opening it waits
+    for a writer forever): issue 23, points 8 and 10.
+    """
     folder = shutil.copytree(shapes_root / "unlabeled", tmp_path / "images")
-    bad = [folder / "000100_random.jpg", folder / "000101_empty.png", folder / "000102_text.webp"]
+    bad = [folder / "000100_random.jpg", folder / "000101_empty.png", folder / "000102_text.webp",
+           folder / "000103_cut.jpg", folder / "000104_fifo.jpg"]
     bad[0].write_bytes(random.Random(0).randbytes(4096))
     bad[1].write_bytes(b"")
     bad[2].write_text("not an image\n")
+    whole = next(folder.glob("*.jpg")).read_bytes()
+    bad[3].write_bytes(whole[: len(whole) // 2])
+    os.mkfifo(bad[4])
     return folder, bad
+
+
+# A run that opened the FIFO would wait forever; these runs take seconds.
+BAD_FILES_TIMEOUT = 240
 
 
 def test_unreadable_images_are_refused_before_anything_is_written(shapes_root, data_with_bad_files, tmp_path):
     folder, bad = data_with_bad_files
     out = tmp_path / "run"
-    proc = Run(moco(shapes_root, out, f"data.train_dir={folder}", "train.max_steps=3"), tmp_path / "logs").wait()
-    message = one_line_error(proc)
-    assert "3 of 27 files in data.train_dir are not readable images" in message, message
+    proc = Run(moco(shapes_root, out, f"data.train_dir={folder}", "train.max_steps=3"), tmp_path / "logs")
+    message = one_line_error(proc.wait(BAD_FILES_TIMEOUT))
+    assert "5 of 29 files in data.train_dir are not readable images" in message, message
     assert all(str(path) in message for path in bad), message
     assert "data.skip_bad_images=true" in message
     assert not out.exists()
 
 
-def test_skip_bad_images_trains_on_the_readable_ones_and_says_how_many(shapes_root, data_with_bad_files, tmp_path):
-    """3 steps of 8 draw all 24 readable images: had a bad one been kept, its batch would crash."""
+@pytest.mark.parametrize("in_memory_mb", [2048, 0], ids=["in_memory", "streaming"])
+def test_skip_bad_images_trains_on_the_readable_ones_and_says_how_many(shapes_root, data_with_bad_files, tmp_path,
+                                                                        in_memory_mb):
+    """3 steps of 8 draw all 24 readable images: had a bad one been kept, its batch would crash (or hang)."""
     folder, bad = data_with_bad_files
     out = tmp_path / "run"
     # A queue of 56 is over 24 images x 2 views: a warning, not an error.
     overrides = [f"data.train_dir={folder}", "data.skip_bad_images=true", "train.max_steps=3", "checkpoint.every=3",
-                 "loss.queue_size=56"]
-    proc = Run(moco(shapes_root, out, *overrides), tmp_path / "logs").wait()
+                 "loss.queue_size=56", f"data.in_memory_mb={in_memory_mb}"]
+    proc = Run(moco(shapes_root, out, *overrides), tmp_path / "logs").wait(BAD_FILES_TIMEOUT)
     check_ok(proc)
-    assert "skipped 3 unreadable image file(s) of 27" in proc.stdout, proc.stdout
+    assert "skipped 5 unreadable image file(s) of 29" in proc.stdout, proc.stdout
     assert "warning: loss.queue_size 56 exceeds the data set's 24 images x 2 views = 48" in proc.stdout, proc.stdout
     assert safe_load(out / "checkpoint_last.pth")["step"] == 3
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.evaluation import DataError
+from distill.evaluation import DataError, NonFiniteFeaturesError
 from distill.semisup import default_learning_rates, draw_labelled, fine_tune, read_label_list, write_label_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +212,46 @@ def test_cli_errors_are_one_line_exit_2(student, shapes_root, tmp_path, capsys):
         code, _, err = _run(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ hostile inputs (issue 23, points 6 and 11)
+
+
+def test_fine_tuning_refuses_a_backbone_with_nan_weights():
+    """Its features are NaN, so the first loss is NaN: "lower the learning rates" would blame the wrong thing.
+
+    7 tensors: the Linear's weight and bias, the BatchNorm's weight, bias, running mean, variance and count.
+    """
+    broken = _encoder()
+    with torch.no_grad():
+        broken[1].weight[3, 5] = float("nan")
+    with pytest.raises(NonFiniteFeaturesError, match=r"weights are not finite \(1 of 7 tensors, e.g. 1.weight\)"):
+        _fine_tune(broken, lr_backbone=0.1)
+
+
+def _two_class_folder(root):
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (16, 16), (100 * i, 50, 0)).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def test_cli_names_the_unreadable_val_image_and_refuses_nan_weights(tmp_path, capsys):
+    import torchvision
+
+    data = _two_class_folder(tmp_path / "d")
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    teacher = tmp_path / "nan_r18.pth"
+    torch.save(state, teacher)
+    argv = [teacher, "--data", data, "--epochs", 1, "--batch-size", 2, "--image-size", 16, "--workers", 0,
+            "--device", "cpu", "--out", tmp_path / "r.json"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "weights are not finite" in err, err
+    empty = data / "val" / "b" / "1.jpg"
+    empty.write_bytes(b"")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"image {empty} is not readable" in err, err
+    assert not (tmp_path / "r.json").exists()

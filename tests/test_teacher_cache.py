@@ -39,8 +39,8 @@ from distill.config import ConfigError, load_config
 from distill.data import MultiViewImages, StepBatchSampler, list_images, moco_v2_augmentation
 from distill.engine import Trainer
 from distill.methods import METHODS
-from distill.teacher_cache import TeacherCache, decode, encode, read_manifest, shard_name
-from retro_transfer.checkpoints import load_teacher, safe_load
+from distill.teacher_cache import TeacherCache, decode, encode, read_manifest, shard_name, shard_record
+from retro_transfer.checkpoints import CheckpointError, load_teacher, safe_load
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -394,3 +394,88 @@ def test_two_processes_write_the_same_cache_as_one(shapes_root, teacher_ckpt, ca
         for a, b in zip(one.embeddings(step, 0, 1, torch.device("cpu")), two.embeddings(step, 0, 1, torch.device("cpu"))):
             # One thread there, two here: float32 noise can flip a float16 rounding, by one step of 2^-11.
             torch.testing.assert_close(a, b, rtol=FP16_AFTER_RENORM, atol=1e-6)
+
+
+# -- shard records (issue 23, point 4) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_step_shards(shapes_root, teacher_ckpt, tmp_path_factory):
+    """Two 4-shard caches (one step a shard) of the retro config: seed 0 and seed 1, the same shapes."""
+    root = tmp_path_factory.mktemp("one_step")
+    for seed in (0, 1):
+        build_cache(config(shapes_root, teacher_ckpt, root / "unused", "retro", f"seed={seed}"), root / f"seed{seed}",
+                    steps_per_shard=1)
+    return root
+
+
+@pytest.mark.parametrize("replacement", ["neighbour", "zeros", "another_run"])
+def test_a_shard_swapped_for_one_of_the_same_shape_is_refused_when_opened(replacement, one_step_shards, shapes_root,
+                                                                          teacher_ckpt, tmp_path):
+    """It used to train on the wrong targets and exit 0: each shard's SHA-256 is in the manifest and checked."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for path in (one_step_shards / "seed0").iterdir():
+        (cache / path.name).write_bytes(path.read_bytes())
+    assert sorted(read_manifest(cache)["shards"]) == [shard_name(k) for k in range(STEPS)]
+    assert not list(cache.glob("shard_*.json")), "the builder's per-shard records are merged into the manifest"
+    victim = cache / shard_name(1)
+    if replacement == "neighbour":
+        victim.write_bytes((cache / shard_name(2)).read_bytes())
+    elif replacement == "zeros":
+        torch.save({"embeddings": torch.zeros_like(safe_load(victim)["embeddings"])}, victim)
+    else:
+        victim.write_bytes((one_step_shards / "seed1" / shard_name(1)).read_bytes())
+    reader = TeacherCache(cache, read_manifest(cache), views=2)
+    reader.embeddings(0, 0, 1, torch.device("cpu"))  # shard 0 is untouched
+    with pytest.raises(CheckpointError) as err:
+        reader.embeddings(1, 0, 1, torch.device("cpu"))
+    message = str(err.value)
+    assert "\n" not in message and f"{victim} (steps 1-1) is not the shard the cache's manifest records" in message
+    assert f"delete it and run `python tools/cache_teacher.py --config CONFIG [the same key=value ...] --out {cache}`" in message
+    if replacement == "zeros":  # through a run: refused at the step that opens the shard
+        with pytest.raises(CheckpointError, match="is not the shard the cache's manifest records"):
+            Trainer(config(shapes_root, teacher_ckpt, tmp_path / "run", "retro", f"teacher.cache={cache}")).fit()
+
+
+def test_a_killed_build_continues_from_its_shard_records(one_step_shards, shapes_root, teacher_ckpt, tmp_path):
+    """Killed after shard 2's file but before its record: the rerun keeps shards 0 and 1 and computes 2 and 3."""
+    cfg = config(shapes_root, teacher_ckpt, tmp_path / "unused", "retro")
+    out = tmp_path / "killed"
+    recorded = []
+
+    def killed_at_the_third(path, steps):
+        if len(recorded) == 2:
+            raise KeyboardInterrupt
+        recorded.append(path.name)
+        return shard_record(path, steps)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(cache_builder, "shard_record", killed_at_the_third)
+        build_cache(cfg, out, steps_per_shard=1)
+    assert "shards" not in read_manifest(out) and (out / shard_name(2)).is_file()
+    with pytest.raises(ConfigError, match="is incomplete: 4 of the 4 shards"):  # nothing recorded in the manifest yet
+        TeacherCache(out, read_manifest(out), views=2).check_complete(STEPS)
+
+    assert build_cache(cfg, out, steps_per_shard=1)["computed_here"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (one_step_shards / "seed0").iterdir())
+    whole = TeacherCache(one_step_shards / "seed0", read_manifest(one_step_shards / "seed0"), views=2)
+    resumed = TeacherCache(out, read_manifest(out), views=2)
+    resumed.check_complete(STEPS)
+    for step in range(STEPS):  # each shard passes its SHA-256 check, and holds the whole build's embeddings
+        for a, b in zip(resumed.embeddings(step, 0, 1, torch.device("cpu")), whole.embeddings(step, 0, 1, torch.device("cpu"))):
+            torch.testing.assert_close(a, b, rtol=FP16_AFTER_RENORM, atol=1e-6)
+
+
+def test_the_builder_names_a_jpeg_cut_short(shapes_root, teacher_ckpt, tmp_path):
+    """tools/cache_teacher.py crashed with "image file is truncated" at the batch that held it (issue 23, point 10)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in list_images(shapes_root / "unlabeled"):
+        (folder / path.name).write_bytes(path.read_bytes())
+    cut = sorted(folder.glob("*.jpg"))[5]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    cfg = config(shapes_root, teacher_ckpt, tmp_path / "unused", "retro", f"data.train_dir={folder}")
+    with pytest.raises(ConfigError, match=rf"1 of 24 files in data.train_dir are not readable images: {cut} .*truncated"):
+        build_cache(cfg, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -474,3 +474,22 @@ def test_distillation_from_a_dino_teacher(method, dino_r18, shapes_root, tmp_pat
     assert report.format == "retro_transfer_teacher"
     with torch.no_grad():
         torch.testing.assert_close(teacher(IMAGES), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, layer", [
+    ("moco_v2", "module.encoder_q.fc.2"),  # issue 23: it loaded as a 2048->2048 head, with no warning
+    ("moco_v2", "module.encoder_q.fc.0"),
+    ("moco_v3", "module.base_encoder.fc.3"),
+    ("byol", "online_encoder.projector.1"),
+])
+def test_a_head_missing_a_layer_is_refused_naming_it(name, layer, r50, tmp_path):
+    """What is left of the head would build a shorter head that loads cleanly: refused, naming the layer."""
+    case = CASES[name](r50)
+    state = case.ckpt.get("state_dict", case.ckpt)
+    for key in [k for k in state if k.startswith(layer + ".")]:
+        del state[key]
+    torch.save(case.ckpt, tmp_path / "damaged.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_teacher(tmp_path / "damaged.pth")
+    message = str(err.value)
+    assert "\n" not in message and f"the {name} projection head has no {layer} " in message, message

@@ -105,7 +105,10 @@ def main(argv=None) -> int:
     encoder, info = _load(args.checkpoint, args.features)
     print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
     start = time.perf_counter()
-    feats = _features(ev, encoder, args, device)
+    try:
+        feats = _features(ev, encoder, args, device)
+    except ev.NonFiniteFeaturesError as err:
+        fail(f"cannot evaluate {args.checkpoint}: {err}")
     (train_x, train_y), (val_x, val_y) = feats["train"], feats["val"]
     scores = ev.knn_classify(
         train_x.to(device), train_y, val_x.to(device), len(classes), k=args.k, temperature=args.temperature

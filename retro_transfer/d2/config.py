@@ -1,7 +1,8 @@
 """The config keys this package adds to Detectron2's, the one way configs are read, and the checks they must pass."""
 
 import os
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -41,6 +42,56 @@ def add_retro_config(cfg: CN) -> CN:
     return cfg
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def check_config_chain(path: os.PathLike) -> None:
+    """The config and every ``_BASE_`` it inherits: YAML files of keys, in a chain that ends.
+
+    Detectron2 would run a ``.py`` config as Python (and fail on ours with an
+    AttributeError), follow a ``_BASE_`` loop until RecursionError, and read
+    any file at all (``/etc/passwd``) as a config. Bases are found as
+    Detectron2 finds them: relative to the file that names them.
+    """
+    chain: List[Path] = []
+    current: Optional[Path] = Path(path)
+    while current is not None:
+        if current.suffix.lower() not in CONFIG_SUFFIXES:
+            named = f" (the _BASE_ of {chain[-1]})" if chain else ""
+            raise ConfigError(
+                f"{current}{named} is not a YAML config (.yaml): detection configs are YAML files such as "
+                "configs/detection/voc_frcnn_effb0.yaml; Python (LazyConfig) files are not read"
+            )
+        if current.resolve() in {p.resolve() for p in chain}:
+            loop = " -> ".join(str(p) for p in [*chain, current])
+            raise ConfigError(f"_BASE_ loop: {loop}; a config must not inherit itself")
+        chain.append(current)
+        current = _base_of(current)
+
+
+def _base_of(path: Path) -> Optional[Path]:
+    """The file ``path``'s ``_BASE_`` names (None at the end of the chain, or if ``path`` does not read as YAML).
+
+    YAML errors are left to :func:`load_config`, which reports them with their line.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{path} is not a Detectron2 config: its YAML is a {kind}, not a mapping of keys")
+    base = data.get("_BASE_")
+    if not base:
+        return None
+    base = os.path.expanduser(str(base))
+    if base.startswith(("http://", "https://")):
+        return None
+    return Path(base) if os.path.isabs(base) else path.parent / base
+
+
 def load_config(
     path: os.PathLike, opts: Sequence[str] = (), shapes_root: Optional[os.PathLike] = None, register: bool = True
 ) -> CN:
@@ -57,6 +108,7 @@ def load_config(
     ``!!python/object/apply:os.system`` while reading, and a config is a file
     users download and share. Every problem is a one-line ConfigError.
     """
+    check_config_chain(path)
     cfg = add_retro_config(get_cfg())
     try:
         cfg.merge_from_file(str(path), allow_unsafe=False)

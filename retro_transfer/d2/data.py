@@ -15,12 +15,17 @@ missing from the class list is a bare ``ValueError`` from ``list.index``. The
 loaders here return the same records but check every annotation as they read
 it, and :func:`check_datasets` puts them in place of Detectron2's for the
 built-in names too. A box reaching past its image is clipped and counted in a
-warning; a box with no area inside its image, an unknown class or a missing
-file is a :class:`DatasetError` naming the file.
+warning; a box with no area inside its image or a coordinate that is not a
+number, an unknown class, a missing file or a VOC ``<size>`` that is not the
+image's is a :class:`DatasetError` naming the file. :func:`training_records`
+checks, before training, that the training images hold objects and at least
+one batch of them (Detectron2 asserts on the first and waits forever on the
+second).
 """
 
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -28,10 +33,12 @@ from functools import partial
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data.datasets import load_coco_json
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, PascalVOCDetectionEvaluator
 from detectron2.structures import BoxMode
+from detectron2.utils import comm
+from PIL import Image
 
 from ..data.shapes import CLASSES, COCO_DIRNAME, COCO_SPLITS, VOC_DIRNAME, ShapesConfig
 
@@ -127,6 +134,7 @@ class _BoxCheck:
     clipped: int = 0
     first_clipped: str = ""
     outside: List[str] = field(default_factory=list)
+    not_numbers: List[str] = field(default_factory=list)
 
     def clip(self, box: Sequence[float], width: int, height: int, where: str) -> List[float]:
         """``[x0, y0, x1, y1]`` clipped to the image; remembers what it changed or cannot keep.
@@ -135,6 +143,9 @@ class _BoxCheck:
         inverted box, or one that does not overlap its image, is refused.
         """
         x0, y0, x1, y1 = box
+        if not all(math.isfinite(v) for v in box):  # nan passes every comparison below as "inside"
+            self.not_numbers.append(f"{where} [{x0:g}, {y0:g}, {x1:g}, {y1:g}]")
+            return list(box)
         clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height),
                    min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
         described = f"{where} [{x0:g}, {y0:g}, {x1:g}, {y1:g}] in a {width}x{height} image"
@@ -149,6 +160,11 @@ class _BoxCheck:
 
     def report(self) -> None:
         """Raise for boxes that cannot be kept; warn, with a count, about clipped ones."""
+        if self.not_numbers:
+            raise DatasetError(
+                f"data set {self.name}: {len(self.not_numbers)} box(es) have a coordinate that is not a finite number "
+                f"(first: {self.not_numbers[0]}); fix or delete these objects"
+            )
         if self.outside:
             raise DatasetError(
                 f"data set {self.name}: {len(self.outside)} box(es) have no area inside their image "
@@ -171,6 +187,27 @@ def _voc_box(obj: ET.Element, xml: str, index: int) -> List[float]:
         return [float(obj.findtext(f"bndbox/{tag}")) for tag in ("xmin", "ymin", "xmax", "ymax")]
     except (TypeError, ValueError):
         raise DatasetError(f"{xml}: object {index} has no valid <bndbox> (xmin, ymin, xmax, ymax)") from None
+
+
+def _stored_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image as Detectron2 reads it: from the header, turned as its EXIF orientation says."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)  # 5-8: turned by 90 degrees
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _check_voc_size(xml: str, jpeg: str, width: int, height: int) -> None:
+    """The XML's <size> must be the image's: Detectron2 checks it only when it reads the image, mid-training."""
+    try:
+        actual = _stored_size(jpeg)
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+        raise DatasetError(f"{jpeg} is not a readable image ({type(e).__name__}: {e})") from None
+    if actual != (width, height):
+        raise DatasetError(
+            f"{xml}: <size> says {width}x{height}, but {jpeg} is {actual[0]}x{actual[1]}; "
+            "correct <width> and <height> (the boxes are in the image's pixels)"
+        )
 
 
 def _voc_ids(dirname: str, split: str, name: str) -> List[str]:
@@ -211,6 +248,7 @@ def load_voc(dirname: str, split: str, classes: Sequence[str], name: str = "") -
         except ET.ParseError as e:
             raise DatasetError(f"{xml} is not valid XML ({e})") from None
         width, height = _voc_size(tree, xml)
+        _check_voc_size(xml, jpeg, width, height)
         instances = []
         for index, obj in enumerate(tree.findall("object"), start=1):
             cls = (obj.findtext("name") or "").strip()
@@ -329,6 +367,39 @@ def check_datasets(names: Iterable[str]) -> None:
             "`python tools/make_shapes.py --out DIR`, then tools/train_net.py ... --shapes DIR"
         )
     use_checked_loaders(names)
+
+
+def training_records(cfg) -> List[dict]:
+    """The records Detectron2's training loader reads, refused unless they hold objects and one batch of images.
+
+    Detectron2 asserts on a training set whose images have no objects, and with
+    ``SOLVER.IMS_PER_BATCH`` above the number of images its aspect-ratio
+    grouping waits for a batch that never fills, printing nothing.
+    """
+    names = list(cfg.DATASETS.TRAIN)
+    try:
+        records = get_detection_dataset_dicts(
+            names,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+    except AssertionError:  # "Dataset '...' is empty!" or, after leaving out images without objects, "No valid data"
+        records = []
+    if not any(record.get("annotations") for record in records):
+        raise DatasetError(
+            f"DATASETS.TRAIN {', '.join(names)}: no image has an object to train on (every annotation file lists "
+            "none); train on a split with boxes"
+        )
+    batch, world = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
+    if batch < 1 or batch % world:
+        raise DatasetError(f"SOLVER.IMS_PER_BATCH {batch} must be a positive multiple of the {world} process(es)")
+    if batch > len(records):
+        raise DatasetError(
+            f"SOLVER.IMS_PER_BATCH {batch} is more than the {len(records)} training images of "
+            f"{', '.join(names)}; lower SOLVER.IMS_PER_BATCH (it is the batch of all GPUs together) or add images"
+        )
+    return records
 
 
 def build_evaluator(name: str, output_dir: str) -> DatasetEvaluator:

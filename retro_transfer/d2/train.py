@@ -5,11 +5,12 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 
 from ..utils.device import Workload, cpu_warning
 from ..utils.quiet import DropInfo, quiet_console
-from .data import build_evaluator
+from .data import build_evaluator, training_records
 from .weights import RetroCheckpointer
 
 
@@ -21,6 +22,11 @@ class RetroTrainer(DefaultTrainer):
         # Loading goes through self.checkpointer; the periodic-save hook keeps
         # the plain DetectionCheckpointer it was built with, which saves the same.
         self.checkpointer = RetroCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's loader over :func:`training_records` (objects there, and at least one batch of images)."""
+        return build_detection_train_loader(cfg, dataset=training_records(cfg))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from detectron2.checkpoint import DetectionCheckpointer
@@ -268,6 +269,29 @@ def _what_the_file_holds(checkpoint: Mapping, path: str) -> str:
     return f"its tensors are named like {', '.join(map(str, keys)) or '(none)'}"
 
 
+def _check_holds_weights(checkpoint: Mapping, path: str) -> None:
+    """Refuse a file whose ``model`` is not names -> arrays, before fvcore's "Unsupported type found in checkpoint".
+
+    DetectionCheckpointer takes a file without a ``model`` entry as the model
+    itself, so a teacher's ``.pth.tar`` ({"state_dict", "arch", ...}) or an
+    MMSegmentation checkpoint ({"meta", "state_dict", ...}) arrives here whole.
+    """
+    model = checkpoint.get("model")
+    if isinstance(model, Mapping) and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in model.values()):
+        return
+    entries = ", ".join(repr(k) for k in list(model if isinstance(model, Mapping) else checkpoint)[:5])
+    if isinstance(model, Mapping) and "meta" in model and "state_dict" in model:
+        what = "an MMEngine (MMSegmentation, MMDetection) checkpoint"
+    elif isinstance(model, Mapping) and "state_dict" in model:
+        what = "a training checkpoint (a teacher's .pth.tar, say)"
+    else:
+        what = "not a Detectron2 weights file"
+    raise CheckpointError(
+        f"MODEL.WEIGHTS {path} is {what}, with entries {entries}, not Detectron2 weights; convert a teacher or "
+        "student with `python tools/convert_to_d2.py FILE OUT.pkl` and pass MODEL.WEIGHTS OUT.pkl"
+    )
+
+
 class RetroCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that reads files safely and refuses weights that leave the model partly random.
 
@@ -300,6 +324,7 @@ class RetroCheckpointer(DetectionCheckpointer):
         return safe_load(f)
 
     def _load_model(self, checkpoint):
+        _check_holds_weights(checkpoint, self._path)
         meta = checkpoint.get(META_KEY)
         if isinstance(meta, Mapping):
             check_model_matches(self.model, meta, self._path)

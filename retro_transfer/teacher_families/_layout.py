@@ -59,6 +59,10 @@ class Part:
 class TeacherLayout:
     """One file's teacher: ``state`` (file names -> tensors), its backbone and head ``Part``s, and the head builder.
 
+    ``head_layers`` are the indices of the layers with weights that the
+    family's head always has (MoCo v2: 0 and 2, its two Linears); the loader
+    refuses a head without one of them rather than build a shorter head from
+    what is left. Families whose head depth varies leave it empty.
     ``entries`` are the file's top-level entries that ``state`` comes from
     (none when the file is the state dict itself, else e.g. ``("state_dict",)``
     or DINO's ``("teacher",)``), ``wrapper`` the DDP ``module.`` left out of
@@ -71,6 +75,7 @@ class TeacherLayout:
     backbone: Part
     head: Optional[Part] = None
     build_head: Optional[HeadBuilder] = None
+    head_layers: Tuple[int, ...] = ()
     entries: Tuple[str, ...] = ()
     wrapper: str = ""
     reasons: Mapping[str, str] = field(default_factory=dict)

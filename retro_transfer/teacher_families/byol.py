@@ -50,6 +50,7 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
         backbone=Part(outer + "online_encoder.net.", accept=not_under("fc"), note="without fc (unused by BYOL)"),
         head=Part(projector),
         build_head=_projector,
+        head_layers=_projector_layers({k[len(projector) :]: v for k, v in state.items() if str(k).startswith(projector)}),
         entries=entries,
         wrapper=outer,
         reasons={
@@ -59,6 +60,11 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
             "online_predictor": "predictor, applied after the embedding",
         },
     )
+
+
+def _projector_layers(head_state) -> tuple:
+    """The projector's top-level layers with weights: Linear, BN, Linear; or the simplicial head's two blocks."""
+    return (0, 2) if SimplicialMLPHead.holds(head_state) else (0, 1, 3)
 
 
 def _projector(state):

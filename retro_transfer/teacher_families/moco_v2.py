@@ -30,6 +30,7 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
         backbone=Part(encoder, accept=not_under("fc"), note="without fc"),
         head=Part(encoder + "fc.", accept=numbered),
         build_head=lambda head: MLPHead.from_state(head, nn.ReLU, bias=True),
+        head_layers=(0, 2),
         entries=entries,
         wrapper=wrapper,
         reasons={"encoder_q.fc": "classifier, not a projection head"},

@@ -33,6 +33,7 @@ def recognise(ckpt: Mapping) -> Optional[TeacherLayout]:
         backbone=Part(encoder, accept=not_under("fc"), note="without fc"),
         head=Part(encoder + "fc."),
         build_head=lambda head: MLPHead.from_state(head, nn.ReLU, bias=False, last_bn_affine=False),
+        head_layers=(0, 1, 3, 4),
         entries=entries,
         wrapper=wrapper,
         reasons={
