@@ -16,6 +16,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from retro_transfer.checkpoints import CheckpointError, safe_load
+from retro_transfer.openmmlab_config import read_config
 
 from .checks import check_data, check_segmentor_checkpoint, checkpoint_to_load
 
@@ -39,6 +40,8 @@ def load_config(
     A distributed launch needs GPUs: MMEngine's set-up pins each process to one.
     A data loader with no worker processes gets ``persistent_workers=False``
     (PyTorch refuses the combination), so ``num_workers=0`` is one option.
+    YAML/JSON configs and their ``_base_`` files are read as data only
+    (:func:`retro_transfer.openmmlab_config.read_config`).
     """
     path = Path(path)
     if not path.is_file():
@@ -50,7 +53,7 @@ def load_config(
             f"--launcher {launcher} needs GPUs (MMEngine's distributed set-up calls torch.cuda.set_device); "
             "on a CPU, train in one process without --launcher"
         )
-    cfg = Config.fromfile(str(path))
+    cfg = read_config(path)  # YAML/JSON as data only; a .py config is code, run by MMEngine
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     cfg.launcher = launcher
