@@ -93,3 +93,132 @@ def test_seg_tools_say_a_python_config_is_code(capsys):
             load_tool(name).main(["--help"])
         help_text = " ".join(capsys.readouterr().out.split())
         assert "a .py config is Python code and is run as such" in help_text, help_text
+
+
+# ----------------------------------------------------------------------------- 2: two runs on one folder
+
+HOLD = """
+import sys, time
+from retro_transfer.utils.run_lock import lock_run_folder
+lock_run_folder(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """``holder(folder)``: another process that holds the run lock on ``folder`` until the test ends."""
+    procs = []
+
+    def hold(folder: Path) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")}
+        proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
+                                env={**env, "PYTHONPATH": str(ROOT)})
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def refused_for(proc: subprocess.Popen, err: str) -> str:
+    line = one_line(err)
+    assert f"is in use by another run (PID {proc.pid} on host" in line, line
+    return line
+
+
+def distill_argv(shapes_root, out, *extra):
+    return ["--config", "shapes_moco_v2_effb0.yaml", f"data.train_dir={shapes_root / 'unlabeled'}", "data.image_size=32",
+            "data.num_workers=0", "train.batch_size=8", "train.precision=fp32", "loss.queue_size=16",
+            "log.tensorboard=false", "checkpoint.keep=0", "student.arch=resnet18", f"output_dir={out}", *extra]
+
+
+def test_every_run_tool_refuses_a_folder_another_process_holds(holder, shapes_root, tmp_path, capsys):
+    """distill (new and resume=auto), pretrain_teacher, cache_teacher, train_seg, train_net, pipeline."""
+    out = tmp_path / "run"
+    proc = holder(out)
+    for resume in ([], ["resume=auto"]):
+        code, _, err = run_main(load_tool("distill"), distill_argv(shapes_root, out, *resume), capsys)
+        assert code == 2 and "output_dir" in refused_for(proc, err)
+    teacher = ["--config", "shapes_moco_v2_r50.yaml", f"data.train_dir={shapes_root / 'unlabeled'}", f"output_dir={out}"]
+    code, _, err = run_main(load_tool("pretrain_teacher"), teacher, capsys)
+    assert code == 2 and refused_for(proc, err)
+    code, _, err = run_main(load_tool("cache_teacher"), distill_argv(shapes_root, tmp_path / "x") + ["--out", out], capsys)
+    assert code == 2 and "--out" in refused_for(proc, err)
+    code, _, err = run_main(load_tool("train_seg"), ["shapes_fcn_r18", "--work-dir", out], capsys)
+    assert code == 2 and "work dir" in refused_for(proc, err)
+    code, _, err = run_main(load_tool("pipeline"), ["--preset", "smoke", "--out", out], capsys)
+    assert code == 2 and refused_for(proc, err)
+    train_net = load_tool("train_net")
+    try:
+        train_net.cli(["--config", "voc_frcnn_r18", "OUTPUT_DIR", str(out), "MODEL.WEIGHTS", ""])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "OUTPUT_DIR" in refused_for(proc, capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]  # nothing written by the refused runs
+
+
+def test_a_killed_holder_leaves_no_stale_lock_and_a_refused_start_leaves_no_folder(holder, shapes_root, tmp_path, capsys):
+    from retro_transfer.utils.run_lock import lock_run_folder
+
+    out = tmp_path / "run"
+    proc = holder(out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / ".run.lock").exists()  # the file stays; the lock went with the process
+    with lock_run_folder(out, "output_dir"):
+        with lock_run_folder(out, "output_dir"):  # re-entrant within one process (a tool holding it runs a Trainer)
+            pass
+        assert (out / ".run.lock").exists()
+    assert out.is_dir() and not (out / ".run.lock").exists()  # a folder it did not create stays
+    # a refused start removes the folder it made: here a training folder with no images
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(load_tool("distill"), distill_argv(shapes_root, tmp_path / "new", f"data.train_dir={empty}"),
+                            capsys)
+    assert code == 2 and not (tmp_path / "new").exists(), err
+
+
+def test_other_ranks_of_a_distributed_job_do_not_take_the_lock(holder, tmp_path, monkeypatch):
+    """Under torchrun every rank writes into one folder; rank 0's lock keeps other jobs out."""
+    from retro_transfer.utils.run_lock import RunFolderError, lock_run_folder
+
+    out = tmp_path / "run"
+    holder(out)
+    monkeypatch.setenv("RANK", "1")
+    lock_run_folder(out).release()  # no refusal: the holder stands for this job's rank 0
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(RunFolderError, match="in use by another run"):
+        lock_run_folder(out)
+
+
+def test_a_second_distillation_on_a_running_folder_is_refused_and_the_run_goes_on(shapes_root, tmp_path):
+    """The probe's case: resume=auto while a run is going on in the folder (before: both ran, steps repeated).
+
+    The first run is stopped by the test once the others were refused; its log must hold each step once.
+    """
+    out = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k != "RANK"}, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    tool = [sys.executable, str(ROOT / "tools" / "distill.py")]
+    first = subprocess.Popen(tool + distill_argv(shapes_root, out, "train.max_steps=100000", "log.every=1", "seed=0"),
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "log.jsonl").is_file() or not (out / "log.jsonl").read_text():
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        # (a new run with another seed is the in-process case above: one more process costs its imports)
+        second = subprocess.run(tool + distill_argv(shapes_root, out, "train.max_steps=100000", "resume=auto"),
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and refused_for(first, second.stderr)
+        assert first.poll() is None, first.communicate()
+    finally:
+        first.kill()
+        first.wait()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if line.endswith("}")]
+    assert steps == list(range(1, len(steps) + 1))
+    assert "seed: 0" in (out / "config.yaml").read_text()

@@ -36,11 +36,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distill.cache_builder import build_cache
     from distill.config import ConfigError, load_config
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = build_cache(cfg, args.out, args.dtype, args.steps_per_shard)
-    except (ConfigError, CheckpointError) as err:
+        with run_folder_locked(args.out, "--out"):
+            summary = build_cache(cfg, args.out, args.dtype, args.steps_per_shard)
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
     print(
         f"done: {args.out} holds the teacher's embeddings of {summary['views']} view(s) x {summary['steps']} steps "

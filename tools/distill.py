@@ -31,11 +31,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distill.config import ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
+    from retro_transfer.utils.run_lock import RunFolderError
 
     try:
         cfg = load_config(args.config, args.overrides)
         final = Trainer(cfg).fit()
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
     except NonFiniteLossError as err:
         fail(str(err), code=1)

@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.pipeline.build import build_stages, finish
     from retro_transfer.pipeline.runner import Context, run_pipeline
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     preset = PRESETS[args.preset]
     stages = build_stages(preset)
@@ -41,10 +42,11 @@ def main(argv=None) -> int:
     ctx = Context(Path(args.out).absolute(), preset)
     start = time.perf_counter()
     try:
-        records = run_pipeline(stages, ctx, force=args.force)
-    except (ConfigError, CheckpointError) as err:
+        with run_folder_locked(ctx.out, "--out"):
+            records = run_pipeline(stages, ctx, force=args.force)
+            report = finish(ctx, args.preset, records)
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
-    report = finish(ctx, args.preset, records)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 

@@ -25,6 +25,7 @@ keep_tools_dir_off_path(__file__)
 from detectron2.engine import default_setup, launch  # noqa: E402
 
 from retro_transfer.checkpoints import CheckpointError  # noqa: E402
+from retro_transfer.utils.run_lock import RunFolderError, lock_run_folder  # noqa: E402
 from retro_transfer.d2.train import RetroTrainer as Trainer  # noqa: E402
 from retro_transfer.d2 import (  # noqa: E402
     ConfigError,
@@ -124,15 +125,34 @@ def cli(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num_machines > 1 and args.dist_url == "auto":
         p.error("--dist-url auto works on one machine; give tcp://HOST:PORT of machine 0 with --num-machines > 1")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    lock = lock_output_dir(args)
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def lock_output_dir(args):
+    """Lock OUTPUT_DIR for the whole run in this launching process, whose workers write there.
+
+    Only machine 0 locks: on a shared file system its lock keeps other jobs
+    out, and the other machines of this job must not refuse each other.
+    """
+    if args.machine_rank != 0:
+        return None
+    try:
+        return lock_run_folder(load_config(args.config_file, args.opts).OUTPUT_DIR, "OUTPUT_DIR")
+    except (ConfigError, RunFolderError) as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":

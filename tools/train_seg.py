@@ -68,27 +68,34 @@ def main(argv=None) -> int:
 
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.mmseg import launch
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     try:
         cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        if args.eval_only:
-            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-            print(json.dumps(metrics, sort_keys=True, default=float))
-            return 0
-        if args.amp:
-            import torch
-
-            if not torch.cuda.is_available():
-                fail("--amp needs a GPU")
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.loss_scale = "dynamic"
-        if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
-            fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
-                 "or give another --work-dir")
-        launch.set_resume(cfg, args.resume)
-        launch.train(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        with run_folder_locked(cfg.work_dir, "work dir"):
+            return run(args, cfg, launch)
+    except (CheckpointError, FileNotFoundError, ValueError, RunFolderError) as e:
         fail(str(e))
+
+
+def run(args, cfg, launch) -> int:
+    """Evaluate, or train (new or resumed), in the locked work dir."""
+    if args.eval_only:
+        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
+        print(json.dumps(metrics, sort_keys=True, default=float))
+        return 0
+    if args.amp:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--amp needs a GPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
+        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+             "or give another --work-dir")
+    launch.set_resume(cfg, args.resume)
+    launch.train(cfg)
     return 0
 
 
