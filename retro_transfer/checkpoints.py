@@ -181,6 +181,16 @@ def remove_stale_temporaries(directory: PathLike) -> List[Path]:
     return stale
 
 
+def write_failure(path: PathLike, error: BaseException) -> Optional[str]:
+    """One line for a write of ``path`` that failed on an OSError (a full disk, a read-only folder...), else None.
+
+    For writers other than :func:`save_atomic` that also stage their file
+    beside ``path`` and so leave the previous one unchanged.
+    """
+    os_error = _os_error_in(error)
+    return None if os_error is None else _write_failed_message(Path(path), os_error)
+
+
 def _os_error_in(error: BaseException) -> Optional[OSError]:
     """The OSError behind a failed write, also when torch wraps it.
 

@@ -222,3 +222,84 @@ def test_a_second_distillation_on_a_running_folder_is_refused_and_the_run_goes_o
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if line.endswith("}")]
     assert steps == list(range(1, len(steps) + 1))
     assert "seed: 0" in (out / "config.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------- 3 and 13: exports
+
+
+@pytest.fixture(scope="module")
+def student_file(distilled, tmp_path_factory):
+    """A copy of a distilled ResNet-18 checkpoint: tests that could destroy it must not touch the session's."""
+    copy = tmp_path_factory.mktemp("student") / "student.pth"
+    copy.write_bytes(distilled("resnet18").read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["timm", "onnx"])
+def test_export_refuses_to_write_over_its_input_even_with_force(fmt, student_file, tmp_path, capsys):
+    before = student_file.read_bytes()
+    symlink, hardlink = tmp_path / "link.pth", tmp_path / "hard.pth"
+    symlink.symlink_to(student_file)
+    os.link(student_file, hardlink)
+    for out in (student_file, symlink, hardlink):
+        for force in ([], ["--force"]):
+            code, _, err = run_main(load_tool("export"), [student_file, "--format", fmt, out, "--image-size", 32, *force],
+                                    capsys)
+            line = one_line(err)
+            assert code == 2 and f"the output {out} is the input file" in line, line
+    assert student_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS"])
+def test_export_on_a_full_disk_or_read_only_folder_is_one_line_and_leaves_nothing(errno_name, student_file, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """The OS's refusal is simulated where torch.save writes (after some bytes, as a filling disk does)."""
+    import errno
+
+    import torch
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):
+        real_save({"some": torch.zeros(1000)}, f)  # a partial file on disk
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    out = tmp_path / "out" / "r18.pth"
+    out.parent.mkdir()
+    out.write_text("previous export")
+    code, _, err = run_main(load_tool("export"), [student_file, "--format", "timm", out, "--force", "--image-size", 32],
+                            capsys)
+    line = one_line(err)
+    assert code == 2 and str(out) in line and os.strerror(getattr(errno, errno_name)) in line, line
+    assert [p.name for p in out.parent.iterdir()] == ["r18.pth"] and out.read_text() == "previous export"
+
+
+# ----------------------------------------------------------------------------- semisup --out, label lists
+
+
+def test_semisup_eval_does_not_overwrite_a_result_without_force(student_file, shapes_root, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    for taken in (out, tmp_path / "r.labels.txt"):
+        taken.write_text("an earlier result")
+        argv = [student_file, "--data", shapes_root / "classification", "--epochs", 1, "--batch-size", 8,
+                "--image-size", 32, "--workers", 0, "--device", "cpu", "--out", out]
+        code, _, err = run_main(load_tool("semisup_eval"), argv, capsys)
+        line = one_line(err)
+        assert code == 2 and f"{taken} exists; pass --force" in line, line
+        assert taken.read_text() == "an earlier result"
+        taken.unlink()
+
+
+def test_a_symlinked_label_list_is_named_not_quoted(tmp_path):
+    from distill.semisup import DataError, read_label_list
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:secret-line\nanother-secret\n")
+    link = tmp_path / "labels.txt"
+    link.symlink_to(secret)
+    with pytest.raises(DataError) as caught:
+        read_label_list(link, ["circle/a.jpg"])
+    message = str(caught.value)
+    assert "secret-line" not in message and "another-secret" not in message, message
+    assert f"{link} (a link to {secret})" in message and "line 1; line 2" in message, message
