@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ def safe_load(path: PathLike) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        # torch warns about any pickle protocol above 2 (plain pickles use 4-5) before it reads or refuses the
+        # file: noise on stderr above the one line a user gets either way.
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or _starts_like_a_pickle(path):

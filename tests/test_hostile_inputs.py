@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,16 @@ def test_a_symlinked_label_list_is_named_not_quoted(tmp_path):
     message = str(caught.value)
     assert "secret-line" not in message and "another-secret" not in message, message
     assert f"{link} (a link to {secret})" in message and "line 1; line 2" in message, message
+
+
+def test_test_seg_names_a_detectron2_pkl_and_the_tool_it_is_for(student_file, tmp_path, capsys):
+    pkl = tmp_path / "student_d2.pkl"
+    code, _, err = run_main(load_tool("convert_to_d2"), [student_file, pkl], capsys)
+    assert code == 0, err
+    with warnings.catch_warnings(record=True) as warned:  # a warning would print above the one line
+        warnings.simplefilter("always")
+        code, _, err = run_main(load_tool("test_seg"), ["shapes_fcn_r18", pkl, "--work-dir", tmp_path / "work"], capsys)
+    assert not [w for w in warned if "pickle" in str(w.message)], [str(w.message) for w in warned]
+    line = one_line(err)
+    assert code == 2 and f"{pkl} is a Detectron2 weights file" in line and "tools/train_net.py" in line, line
+    assert "contains code" not in line

@@ -129,7 +129,33 @@ def _read_checkpoint(cfg: Config) -> Tuple[Optional[str], Optional[dict]]:
     rather than torch's advice to turn safe loading off, before anything starts.
     """
     path = checkpoint_to_load(cfg)
-    return path, (safe_load(path) if path and "://" not in path else None)
+    if not path or "://" in path:
+        return path, None
+    try:
+        return path, safe_load(path)
+    except CheckpointError:
+        if _is_detectron2_weights(path):
+            raise CheckpointError(
+                f"{path} is a Detectron2 weights file (.pkl), not an MMSegmentation checkpoint: it is for "
+                f"tools/train_net.py (MODEL.WEIGHTS {path}). Segmentation takes the Runner's iter_N.pth that "
+                "tools/train_seg.py writes, and starts from a student converted by tools/convert_to_mmseg.py"
+            ) from None
+        raise
+
+
+def _is_detectron2_weights(path: str) -> bool:
+    """Whether ``path`` reads as a Detectron2 ``.pkl`` weights file (read with its own allow-list unpickler).
+
+    torch's weights-only loader refuses those plain pickles of numpy arrays as
+    "code or Python objects", which misleads the owner of a legitimate file.
+    """
+    from retro_transfer.d2.pickles import load_weights_pickle  # imports Detectron2: only on this error path
+
+    try:
+        weights = load_weights_pickle(path)
+    except CheckpointError:
+        return False
+    return isinstance(weights.get("model", weights.get("blobs")), dict)
 
 
 def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict]) -> Runner:
