@@ -5,6 +5,7 @@ process where the case is about processes: locks, signals) and checks the one
 line it prints and that nothing was run, mixed, lost or left half-written.
 """
 
+import errno
 import json
 import os
 import signal
@@ -35,6 +36,13 @@ def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def the_error_line(err: str) -> str:
+    """The one ``error:`` line, where importing Detectron2 in this process first logs torch's own warnings."""
+    errors = [line for line in err.strip().splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
 
 
 # ----------------------------------------------------------------------------- 1: a YAML config runs code
@@ -317,3 +325,94 @@ def test_test_seg_names_a_detectron2_pkl_and_the_tool_it_is_for(student_file, tm
     line = one_line(err)
     assert code == 2 and f"{pkl} is a Detectron2 weights file" in line and "tools/train_net.py" in line, line
     assert "contains code" not in line
+
+
+# ----------------------------------------------------------------------------- 13: a full disk in train_net and train_seg
+
+
+class _FillingDisk:
+    """A file whose writes fail with ENOSPC after 64 KiB, as a disk that fills up mid-checkpoint does."""
+
+    def __init__(self, f) -> None:
+        self.f, self.left = f, 1 << 16
+
+    def write(self, data):
+        if len(data) > self.left:
+            self.f.write(data[: self.left])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def disk_fills_up_on(monkeypatch):
+    """``disk_fills_up_on(word)``: writes into files whose name holds ``word`` fail midway with ENOSPC.
+
+    Both ways a tool can open a file for writing are covered (``open`` and
+    ``os.fdopen`` of an ``os.open`` descriptor), so the simulation does not
+    depend on how the code under test writes.
+    """
+    import builtins
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def arm(word: str) -> None:
+        def is_target(name) -> bool:
+            if isinstance(name, int):
+                name = os.readlink(f"/proc/self/fd/{name}")
+            return word in os.path.basename(str(name))
+
+        def open_(file, mode="r", *args, **kwargs):
+            f = real_open(file, mode, *args, **kwargs)
+            return _FillingDisk(f) if set(mode) & set("wa") and is_target(file) else f
+
+        def fdopen(fd, mode="r", *args, **kwargs):
+            f = real_fdopen(fd, mode, *args, **kwargs)
+            return _FillingDisk(f) if set(mode) & set("wa") and is_target(fd) else f
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "fdopen", fdopen)
+
+    return arm
+
+
+def test_train_net_on_a_full_disk_is_one_line_and_leaves_no_truncated_model_final(shapes_root, tmp_path, capsys,
+                                                                                    disk_fills_up_on):
+    out = tmp_path / "out"
+    argv = ["--config", "shapes_frcnn_r18", "MODEL.WEIGHTS", "", "DATASETS.SHAPES_ROOT", str(shapes_root),
+            "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64,)",
+            "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "128",
+            "DATALOADER.NUM_WORKERS", "0"]  # fmt: skip
+    disk_fills_up_on("model_final")
+    with pytest.raises(SystemExit) as exit_:
+        load_tool("train_net").cli(argv)
+    line = the_error_line(capsys.readouterr().err)
+    assert exit_.value.code == 2 and "no space left to write" in line and str(out / "model_final.pth") in line, line
+    assert not (out / "model_final.pth").exists()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_train_seg_on_a_full_disk_is_one_line_and_leaves_no_truncated_checkpoint(shapes_root, tmp_path, capsys,
+                                                                                  disk_fills_up_on):
+    work = tmp_path / "work"
+    options = ["model.backbone.init_cfg=None", f"train_dataloader.dataset.data_root={shapes_root / 'VOC2007'}",
+               "train_dataloader.num_workers=0", "train_dataloader.batch_size=2", "train_cfg.max_iters=2",
+               "train_cfg.val_interval=100", "param_scheduler.0.end=2", "default_hooks.checkpoint.interval=2",
+               "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+    disk_fills_up_on("iter_2")
+    code, _, err = run_main(load_tool("train_seg"), ["shapes_fcn_r18", "--work-dir", work, "--cfg-options", *options],
+                            capsys)
+    line = one_line(err)
+    assert code == 2 and "no space left to write" in line and str(work / "iter_2.pth") in line, line
+    assert not (work / "iter_2.pth").exists()
+    assert not [p.name for p in work.iterdir() if p.name.endswith(".tmp")]

@@ -17,6 +17,7 @@ from mmengine.runner import Runner, find_latest_checkpoint
 
 from retro_transfer.checkpoints import CheckpointError, safe_load
 from retro_transfer.openmmlab_config import read_config
+from retro_transfer.openmmlab_files import AtomicLocalBackend  # noqa: F401  (checkpoints written atomically)
 
 from .checks import check_data, check_segmentor_checkpoint, checkpoint_to_load
 
