@@ -466,6 +466,14 @@ class Trainer:
         self.last_saved = path
         return path
 
+    def stopped_at(self) -> str:
+        """Where an interrupted run stands and how to continue it, in one sentence (for the tools' Ctrl-C line)."""
+        if self.last_saved is None:
+            return (f"stopped at step {self.step}, before its first checkpoint; start it again in "
+                    f"{self.out} with resume=auto (or overwrite=true)")
+        return (f"stopped at step {self.step}; the last checkpoint is {self.last_saved}: continue with the same "
+                "command and resume=auto")
+
     def _check_finite(self, state: Dict) -> None:
         """Refuse to write a checkpoint whose weights, buffers or optimiser state are NaN or infinite.
 

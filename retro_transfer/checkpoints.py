@@ -163,6 +163,10 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if _in_chain(e, KeyboardInterrupt) is not None:
+            # Ctrl-C inside torch.save surfaces as torch's RuntimeError("unexpected pos") raised while its
+            # zip writer closes; the user pressed Ctrl-C, and the tools answer that in one line.
+            raise KeyboardInterrupt from None
         os_error = _os_error_in(e)
         if os_error is not None:
             raise CheckpointError(_write_failed_message(path, os_error)) from e
@@ -201,9 +205,14 @@ def _os_error_in(error: BaseException) -> Optional[OSError]:
     ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected
     pos`` and leaves the OSError (e.g. ENOSPC) only in ``__context__``.
     """
+    return _in_chain(error, OSError)
+
+
+def _in_chain(error: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``error`` or the exceptions it was raised from or during."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -416,3 +416,34 @@ def test_train_seg_on_a_full_disk_is_one_line_and_leaves_no_truncated_checkpoint
     assert code == 2 and "no space left to write" in line and str(work / "iter_2.pth") in line, line
     assert not (work / "iter_2.pth").exists()
     assert not [p.name for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- 15: Ctrl-C
+
+
+def test_ctrl_c_during_a_distillation_is_one_line_naming_the_checkpoint_and_how_to_resume(shapes_root, tmp_path):
+    """SIGINT lands while the run trains and saves every step; nothing is lost and no traceback is printed."""
+    out = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if k != "RANK"}, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "distill.py"),
+         *distill_argv(shapes_root, out, "train.max_steps=100000", "checkpoint.every=1")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint_last.pth").is_file():
+            assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few more steps and saves
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    line = one_line(err.split("\r")[-1])  # the progress bar, when shown, redraws with carriage returns
+    assert run.returncode == 130 and "interrupted: stopped at step" in line, err[-2000:]
+    assert f"the last checkpoint is {out / 'checkpoint_last.pth'}" in line and "resume=auto" in line, line
+    from retro_transfer.checkpoints import safe_load
+
+    assert safe_load(out / "checkpoint_last.pth")["step"] >= 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -45,6 +45,9 @@ def main(argv=None) -> int:
         with run_folder_locked(ctx.out, "--out"):
             records = run_pipeline(stages, ctx, force=args.force)
             report = finish(ctx, args.preset, records)
+    except KeyboardInterrupt:
+        interrupted(f"the finished stages in {ctx.out} are kept; run the same command again to continue "
+                    "from the stage that was stopped")
     except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")

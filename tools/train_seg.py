@@ -29,7 +29,7 @@ import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -70,12 +70,27 @@ def main(argv=None) -> int:
     from retro_transfer.mmseg import launch
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
+    cfg = None
     try:
         cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
         with run_folder_locked(cfg.work_dir, "work dir"):
             return run(args, cfg, launch)
+    except KeyboardInterrupt:
+        if cfg is None or args.eval_only:
+            interrupted("stopped before any training; nothing was written")
+        interrupted(seg_stopped_at(cfg.work_dir))
     except (CheckpointError, FileNotFoundError, ValueError, RunFolderError) as e:
         fail(str(e))
+
+
+def seg_stopped_at(work_dir: str) -> str:
+    """Where an interrupted training stands: its last checkpoint, and the flag that continues from it."""
+    from mmengine.runner import find_latest_checkpoint
+
+    last = find_latest_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    if last is None:
+        return f"stopped before the first checkpoint in {work_dir}; run the same command again to start over"
+    return f"the last checkpoint is {last}: continue with the same command and --resume"
 
 
 def run(args, cfg, launch) -> int:
