@@ -33,15 +33,13 @@ from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupte
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
-CONFIG_NOTE = ("Security: a .py config is Python code and is run as such; use only Python configs you trust. "
-               "YAML/JSON configs (and their _base_ files) are read as data only.")
-
 
 def build_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(description=__doc__.splitlines()[0], epilog=CONFIG_NOTE)
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=config_file("segmentation"),
                         help="an MMSeg config: a path, or a name in configs/segmentation/ (voc_deeplabv3plus_effb0); "
-                             "a .py config is Python code and is run as such, a .yaml/.json one is read as data")
+                             "a .py config is Python code and is run as such (use only configs you trust); "
+                             "a .yaml/.yml/.json one is read as data")
     parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
