@@ -4,8 +4,8 @@ MMEngine's ``Config.fromfile`` reads ``.yaml``/``.yml`` configs with
 ``yaml.Loader``, which runs a tag such as ``!!python/object/apply:os.system``
 while reading, and it does so for every ``_base_`` a config names, before any
 check. A YAML or JSON config is data that users download and share, so here
-every one in the inheritance chain is first read with safe YAML loading (JSON
-is a subset of YAML), and a tag is refused in one line naming the file and the
+every one in the inheritance chain is first read as data (YAML with safe
+loading, JSON with ``json``), and a tag is refused in one line naming the file and the
 line; then MMEngine reads the chain with its YAML handler replaced, through
 its own handler registry, by a safe one.
 
@@ -17,6 +17,7 @@ OpenMMLab tool of this project.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Set
@@ -81,10 +82,12 @@ def _check(path: Path, chain: List[Path]) -> None:
 
 
 def _safe_read(path: Path) -> dict:
-    """The mapping a YAML/JSON config holds, read with safe loading; a Python tag is refused, not run."""
+    """The mapping a YAML/JSON config holds; JSON cannot name Python objects, and YAML tags that do are refused."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_SafeLoader)
+            data = json.load(f) if path.suffix == ".json" else yaml.load(f, Loader=_SafeLoader)
+    except json.JSONDecodeError as e:
+        raise ConfigFileError(f"{path}, line {e.lineno} is not valid JSON: {e.msg}") from None
     except OSError as e:
         raise ConfigFileError(f"cannot read config {path}: {e.strerror}") from None
     except UnicodeDecodeError:

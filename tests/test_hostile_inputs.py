@@ -447,3 +447,13 @@ def test_ctrl_c_during_a_distillation_is_one_line_naming_the_checkpoint_and_how_
 
     assert safe_load(out / "checkpoint_last.pth")["step"] >= 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_tab_indented_json_config_reads_and_broken_json_is_one_line(tmp_path):
+    from retro_transfer.openmmlab_config import ConfigFileError, read_config
+
+    (tmp_path / "tabs.json").write_text('{\n\t"probe": {\n\t\t"n": 3\n\t}\n}\n')
+    assert read_config(tmp_path / "tabs.json").probe.n == 3
+    (tmp_path / "broken.json").write_text('{"probe": \n')
+    with pytest.raises(ConfigFileError, match=r"broken.json, line 2 is not valid JSON"):
+        read_config(tmp_path / "broken.json")
