@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from retro_transfer.checkpoints import load_teacher, remove_stale_temporaries, save_atomic
 from retro_transfer.utils.progress import progress_bar
+from retro_transfer.utils.run_lock import LOCK_FILE
 
 from . import distributed as dist_utils
 from .config import TEACHER_CACHE_MANIFEST, Config, ConfigError
@@ -91,7 +92,7 @@ def _manifest(cfg: Config, files, autocast_dtype, views: int, dim: int, dtype: s
 def _check_existing(out: Path, manifest: Dict) -> bool:
     """Whether ``out`` already holds this cache (to continue); refuses a folder that holds another one."""
     if not (out / TEACHER_CACHE_MANIFEST).exists():
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
             raise ConfigError(f"--out {out} is a folder that holds other files and no teacher cache; choose an empty or new folder")
         return False
     held = read_manifest(out)

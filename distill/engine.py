@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from retro_transfer.checkpoints import CheckpointError, load_teacher, remove_stale_temporaries, safe_load, save_atomic
+from retro_transfer.utils.run_lock import LOCK_FILE, lock_run_folder
 from retro_transfer.models import build_student
 from retro_transfer.utils.progress import progress_bar
 
@@ -191,7 +192,7 @@ def find_resume_checkpoint(cfg: Config) -> Optional[Path]:
         if not path.is_file():
             raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto to continue {cfg.output_dir})")
         return path
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
     if held and not cfg.overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ConfigError(
@@ -381,6 +382,16 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.out = Path(cfg.output_dir)
+        # Held until fit() ends: another process on this output_dir is refused before either looks at it.
+        self.lock = lock_run_folder(self.out, "output_dir")
+        try:
+            self._set_up(cfg)
+        except BaseException:
+            self.lock.release()  # a refused start leaves the folder as it found it
+            raise
+
+    def _set_up(self, cfg: Config) -> None:
+        """Check the run, then build its data, networks and optimiser (and restore them to resume)."""
         # Every refusal comes before the networks are built and before anything is written.
         resume_from = find_resume_checkpoint(cfg)
         self.files = training_images(cfg, METHODS[cfg.method].num_views)
@@ -477,6 +488,14 @@ class Trainer:
         self.last_saved = path
         self.saved_step = self.step
         return path
+
+    def stopped_at(self) -> str:
+        """Where an interrupted run stands and how to continue it, in one sentence (for the tools' Ctrl-C line)."""
+        if self.last_saved is None:
+            return (f"stopped at step {self.step}, before its first checkpoint; start it again in "
+                    f"{self.out} with resume=auto (or overwrite=true)")
+        return (f"stopped at step {self.step}; the last checkpoint is {self.last_saved}: continue with the same "
+                "command and resume=auto")
 
     def _check_finite(self, state: Dict) -> None:
         """Refuse to write a checkpoint whose weights, buffers or optimiser state are NaN or infinite.
@@ -601,6 +620,7 @@ class Trainer:
                 writer.close()
             if log_file is not None:
                 log_file.close()
+            self.lock.release()
         return self.out / LAST
 
     def _log(self, terms: Dict[str, float], bar, writer, log_file) -> None:

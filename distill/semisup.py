@@ -134,6 +134,8 @@ def read_label_list(path: PathLike, paths: Sequence[str]) -> List[int]:
         by_name[p.rsplit("/", 1)[-1]].append(i)
     chosen: Dict[int, int] = {}  # index -> line number
     unknown: List[str] = []
+    # A link may point at any file the user can read (a key, a password file): name it, never quote it.
+    quote = not path.is_symlink()
     for number, raw in enumerate(lines, 1):
         entry = raw.strip().replace("\\", "/")
         if not entry or entry.startswith("#"):
@@ -143,13 +145,14 @@ def read_label_list(path: PathLike, paths: Sequence[str]) -> List[int]:
             raise DataError(f"{path}, line {number}: {entry!r} names {len(matches)} images in different class folders; "
                             f"write it as <class>/{entry}")
         if not matches:
-            unknown.append(f"line {number}: {entry!r}")
+            unknown.append(f"line {number}: {entry!r}" if quote else f"line {number}")
         elif matches[0] in chosen:
             raise DataError(f"{path}, line {number}: {entry!r} repeats line {chosen[matches[0]]}")
         else:
             chosen[matches[0]] = number
     if unknown:
-        raise DataError(f"{len(unknown)} entries of {path} are not images of the training split "
+        named = path if quote else f"{path} (a link to {path.resolve()})"
+        raise DataError(f"{len(unknown)} entries of {named} are not images of the training split "
                         f"({'; '.join(unknown[:3])}{'; ...' if len(unknown) > 3 else ''}); {LIST_HINT}")
     if not chosen:
         raise DataError(f"label list {path} names no images; {LIST_HINT}")

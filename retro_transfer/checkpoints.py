@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ def safe_load(path: PathLike) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; pass the checkpoint file inside it")
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        # torch warns about any pickle protocol above 2 (plain pickles use 4-5) before it reads or refuses the
+        # file: noise on stderr above the one line a user gets either way.
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e) or _starts_like_a_pickle(path):
@@ -159,6 +163,10 @@ def save_atomic(obj: object, path: PathLike, dump: Optional[Callable[[object, Bi
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if _in_chain(e, KeyboardInterrupt) is not None:
+            # Ctrl-C inside torch.save surfaces as torch's RuntimeError("unexpected pos") raised while its
+            # zip writer closes; the user pressed Ctrl-C, and the tools answer that in one line.
+            raise KeyboardInterrupt from None
         os_error = _os_error_in(e)
         if os_error is not None:
             raise CheckpointError(_write_failed_message(path, os_error)) from e
@@ -181,15 +189,30 @@ def remove_stale_temporaries(directory: PathLike) -> List[Path]:
     return stale
 
 
+def write_failure(path: PathLike, error: BaseException) -> Optional[str]:
+    """One line for a write of ``path`` that failed on an OSError (a full disk, a read-only folder...), else None.
+
+    For writers other than :func:`save_atomic` that also stage their file
+    beside ``path`` and so leave the previous one unchanged.
+    """
+    os_error = _os_error_in(error)
+    return None if os_error is None else _write_failed_message(Path(path), os_error)
+
+
 def _os_error_in(error: BaseException) -> Optional[OSError]:
     """The OSError behind a failed write, also when torch wraps it.
 
     ``torch.save`` turns a failed write into ``RuntimeError: ... unexpected
     pos`` and leaves the OSError (e.g. ENOSPC) only in ``__context__``.
     """
+    return _in_chain(error, OSError)
+
+
+def _in_chain(error: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``error`` or the exceptions it was raised from or during."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
+        if isinstance(error, kind):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

@@ -28,6 +28,16 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+def interrupted(where: str) -> NoReturn:
+    """Exit 130 (a shell's code for Ctrl-C) with one line saying where the run stopped and how to go on.
+
+    Tools catch ``KeyboardInterrupt`` around their work and call this instead
+    of letting Python print a traceback: files are written atomically, so
+    nothing needs repair, and the user needs only the way back in.
+    """
+    fail(f"interrupted: {where}", code=130)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are a single line (no usage dump)."""
 

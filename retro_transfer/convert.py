@@ -171,16 +171,38 @@ def check_complete(source: BackboneSource, renamed: Mapping[str, str], target: M
         )
 
 
-def check_output(out: os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite an existing ``out`` unless ``force``."""
+def check_output(out: os.PathLike, force: bool, source: Optional[os.PathLike] = None) -> Path:
+    """Refuse to overwrite an existing ``out`` unless ``force``, and ever to overwrite ``source``.
+
+    ``source`` is the file the output is made from: writing over it (the
+    same path, or a link or another path to the same file) would destroy the
+    only copy of the input, ``--force`` or not.
+    """
     out = Path(out)
     if out.is_dir():
         raise ConversionError(f"{out} is a folder; give the output file's path")
+    if source is not None and _same_file(out, Path(source)):
+        raise ConversionError(
+            f"the output {out} is the input file {source}; writing it would destroy the input "
+            "(--force or not): give the output another name"
+        )
     if out.exists() and not force:
         raise ConversionError(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"cannot create the folder {out.parent} for {out.name}: {e.strerror}") from None
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path after resolving links, or hard links to one inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def report(source: BackboneSource, converted: Mapping[str, int]) -> str:

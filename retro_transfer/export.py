@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoints import load_student
+from .checkpoints import load_student, write_failure
 from .models.students import Student
 
 PathLike = Union[str, os.PathLike]
@@ -75,11 +75,20 @@ class Exported:
 
 @contextlib.contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temporary path beside ``out`` (same suffix) that replaces ``out`` only if the block succeeds."""
+    """A temporary path beside ``out`` (same suffix) that replaces ``out`` only if the block succeeds.
+
+    A write that fails on the OS's say (a full disk, a read-only folder) is
+    one ExportError; nothing partial is left and a previous ``out`` is unchanged.
+    """
     tmp = out.parent / f".{out.stem}.{os.getpid()}.{secrets.token_hex(4)}{out.suffix}"
     try:
         yield tmp
         os.replace(tmp, out)
+    except Exception as e:
+        message = write_failure(out, e)
+        if message is None:
+            raise
+        raise ExportError(message) from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ same command again continues a build that stopped.
 
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path, positive_int
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path, positive_int
 
 keep_tools_dir_off_path(__file__)
 
@@ -36,11 +36,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distill.cache_builder import build_cache
     from distill.config import ConfigError, load_config
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = build_cache(cfg, args.out, args.dtype, args.steps_per_shard)
-    except (ConfigError, CheckpointError) as err:
+        with run_folder_locked(args.out, "--out"):
+            summary = build_cache(cfg, args.out, args.dtype, args.steps_per_shard)
+    except KeyboardInterrupt:
+        interrupted(f"the shards written to {args.out} are kept (each is whole); run the same command again to "
+                    "continue the build")
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
     print(
         f"done: {args.out} holds the teacher's embeddings of {summary['views']} view(s) x {summary['steps']} steps "

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         # Detectron2 chooses its loader by extension; anything else is read with torch.load.
         fail(f"OUT must end in .pkl (Detectron2 reads other extensions as torch checkpoints), got {args.output}")
     try:
-        out = check_output(args.output, args.force)
+        out = check_output(args.output, args.force, source=args.input)
         source = read_backbone(args.input, arch=args.arch)
         weights = to_detectron2(source, args.target)
         save_d2(weights, out)

@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     from retro_transfer.mmseg.conversion import to_mmseg
 
     try:
-        if args.input.resolve() == args.output.resolve():
-            raise ConversionError(f"input and output are the same file ({args.input}); choose another OUTPUT")
-        out = check_output(args.output, args.force)
+        out = check_output(args.output, args.force, source=args.input)
         source = read_backbone(args.input, args.arch)
         checkpoint, converted, source = to_mmseg(source)
         save_atomic(checkpoint, out)

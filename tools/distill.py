@@ -12,7 +12,7 @@ replaced with overwrite=true; without either the run is refused.
 
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -31,11 +31,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distill.config import ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
+    from retro_transfer.utils.run_lock import RunFolderError
 
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
-        final = Trainer(cfg).fit()
-    except (ConfigError, CheckpointError) as err:
+        trainer = Trainer(cfg)
+        final = trainer.fit()
+    except KeyboardInterrupt:
+        interrupted(trainer.stopped_at() if trainer else "before training started; nothing was written")
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
     except NonFiniteLossError as err:
         fail(str(err), code=1)

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from retro_transfer.export import ExportError, export_student
 
     try:
-        out = check_output(args.out, args.force)
+        out = check_output(args.out, args.force, source=args.checkpoint)
         exported, info = export_student(args.checkpoint, out, args.fmt, features=args.features,
                                         image_size=args.image_size, tolerance=args.tolerance)
     except CheckpointError as err:

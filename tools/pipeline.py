@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from retro_transfer.cli import OneLineErrorParser, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.pipeline.build import build_stages, finish
     from retro_transfer.pipeline.runner import Context, run_pipeline
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     preset = PRESETS[args.preset]
     stages = build_stages(preset)
@@ -42,10 +43,14 @@ def main(argv=None) -> int:
     ctx = Context(Path(args.out).absolute(), preset)
     start = time.perf_counter()
     try:
-        records = run_pipeline(stages, ctx, force=args.force)
-    except (ConfigError, CheckpointError) as err:
+        with run_folder_locked(ctx.out, "--out"):
+            records = run_pipeline(stages, ctx, force=args.force)
+            report = finish(ctx, args.preset, records)
+    except KeyboardInterrupt:
+        interrupted(f"the finished stages in {ctx.out} are kept; run the same command again to continue "
+                    "from the stage that was stopped")
+    except (ConfigError, CheckpointError, RunFolderError) as err:
         fail(str(err))
-    report = finish(ctx, args.preset, records)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 

@@ -13,7 +13,7 @@ loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.
 
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -33,17 +33,23 @@ def main(argv=None) -> int:
     from distill.config import ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
     from distill.teacher_export import to_moco_v2_release
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.method != "moco_v2":
             raise ConfigError(f"a teacher is pretrained with method: moco_v2, not {cfg.method}")
-        final = Trainer(cfg).fit()
-        if dist_utils.is_main_process():
-            release = to_moco_v2_release(safe_load(final))
-            save_atomic(release, final.parent / TEACHER_FILE)
-            print(f"teacher written in the MoCo v2 layout: {final.parent / TEACHER_FILE}")
-    except (ConfigError, CheckpointError, ValueError) as err:
+        with run_folder_locked(cfg.output_dir, "output_dir"):  # the Trainer's lock, held on to the teacher file
+            trainer = Trainer(cfg)
+            final = trainer.fit()
+            if dist_utils.is_main_process():
+                release = to_moco_v2_release(safe_load(final))
+                save_atomic(release, final.parent / TEACHER_FILE)
+                print(f"teacher written in the MoCo v2 layout: {final.parent / TEACHER_FILE}")
+    except KeyboardInterrupt:
+        interrupted(trainer.stopped_at() if trainer else "before training started; nothing was written")
+    except (ConfigError, CheckpointError, ValueError, RunFolderError) as err:
         fail(str(err))
     except NonFiniteLossError as err:
         fail(str(err), code=1)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draws the labelled subset and seeds training (default %(default)s)")
     parser.add_argument("--out", required=True,
                         help="results JSON; the labelled subset is written beside it (r.json -> r.labels.txt)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite --out (and the labelled subset beside it) if they exist")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     return parser
 
@@ -77,6 +79,13 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--momentum must be below 1, got {args.momentum}")
     if args.image_size < 8:
         parser.error(f"--image-size must be at least 8, got {args.image_size}")
+
+
+def check_results_free(args: argparse.Namespace) -> None:
+    """Refuse, before hours of fine-tuning, to replace a result (or its labelled subset) without --force."""
+    taken = [p for p in (Path(args.out), labels_path(args.out)) if p.is_file()]
+    if taken and not args.force:
+        fail(f"{taken[0]} exists; pass --force to overwrite it, or choose another --out")
 
 
 def labels_path(out: str) -> Path:
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_values(parser, args)
     check_checkpoint_file(args.checkpoint)
+    check_results_free(args)
     import distill.evaluation as ev  # after argument errors: importing torch takes seconds
     from distill.semisup import finetune_semisup
     from retro_transfer.checkpoints import CheckpointError

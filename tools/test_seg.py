@@ -7,6 +7,10 @@
 CHECKPOINT is a checkpoint tools/train_seg.py wrote (``work_dirs/<config>/iter_N.pth``);
 it is read with ``weights_only`` loading. The metrics are printed as one JSON
 line, and written to ``--out`` when given.
+
+A .py config is Python code and is run as such (as in MMSegmentation): use only
+Python configs you trust. A .yaml/.yml/.json config, and every _base_ it names
+in those formats, is read as data only: a Python tag in it is refused.
 """
 
 import argparse
@@ -25,7 +29,9 @@ keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill p
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=config_file("segmentation"),
-                        help="the config the checkpoint was trained with (a path or a name in configs/segmentation/)")
+                        help="the config the checkpoint was trained with (a path or a name in configs/segmentation/); "
+                             "a .py config is Python code and is run as such (use only configs you trust); "
+                             "a .yaml/.yml/.json one is read as data")
     parser.add_argument("checkpoint", help="a Runner checkpoint (iter_N.pth)")
     parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
     parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")

@@ -22,7 +22,7 @@ which OUTPUT_DIR/log.txt always holds.
 import os
 import sys
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)
 
@@ -144,6 +144,7 @@ def cli(argv=None) -> int:
         p.error("--dist-url auto works on one machine; give tcp://HOST:PORT of machine 0 with --num-machines > 1")
     from detectron2.engine import launch
 
+    from retro_transfer.d2 import ConfigError, load_config
     from retro_transfer.utils.device import DeviceError, check_gpu_count
 
     if args.num_gpus > 1:
@@ -151,15 +152,54 @@ def cli(argv=None) -> int:
             check_gpu_count(args.num_gpus, f"--num-gpus {args.num_gpus}")
         except DeviceError as err:
             fail(str(err))
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        output_dir = load_config(args.config_file, args.opts, shapes_root=args.shapes, register=False).OUTPUT_DIR
+    except ConfigError as err:
+        fail(str(err))
+    lock = lock_output_dir(args, output_dir)
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except KeyboardInterrupt:
+        interrupted(stopped_at(output_dir, args.eval_only))
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
+
+
+def lock_output_dir(args, output_dir: str):
+    """Lock OUTPUT_DIR for the whole run in this launching process, whose workers write there.
+
+    Only machine 0 locks: on a shared file system its lock keeps other jobs
+    out, and the other machines of this job must not refuse each other.
+    """
+    from retro_transfer.utils.run_lock import RunFolderError, lock_run_folder
+
+    if args.machine_rank != 0:
+        return None
+    try:
+        return lock_run_folder(output_dir, "OUTPUT_DIR")
+    except RunFolderError as err:
+        fail(str(err))
+
+
+def stopped_at(output_dir: str, eval_only: bool) -> str:
+    """Where an interrupted run stands: the last checkpoint Detectron2 tagged, and how to continue from it."""
+    if eval_only:
+        return "evaluation stopped; nothing to continue (run it again)"
+    tag = os.path.join(output_dir, "last_checkpoint")
+    if not os.path.isfile(tag):
+        return f"stopped before the first checkpoint in {output_dir}; run the same command again to start over"
+    with open(tag) as f:
+        last = os.path.join(output_dir, f.read().strip())
+    return f"the last checkpoint is {last}: continue with the same command and --resume"
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ leaves out MMEngine's start-up report, which the work dir's log keeps;
 ``--verbose`` shows it. For several
 GPUs: ``torchrun --nproc_per_node=N tools/train_seg.py CONFIG --launcher pytorch``
 (BatchNorm becomes SyncBN then; one process keeps plain BN).
+
+A .py config is Python code and is run as such (as in MMSegmentation): use only
+Python configs you trust. A .yaml/.yml/.json config, and every _base_ it names
+in those formats, is read as data only: a Python tag in it is refused.
 """
 
 import argparse
@@ -27,7 +31,7 @@ import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -35,7 +39,9 @@ keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill p
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=config_file("segmentation"),
-                        help="an MMSeg config: a path, or a name in configs/segmentation/ (voc_deeplabv3plus_effb0)")
+                        help="an MMSeg config: a path, or a name in configs/segmentation/ (voc_deeplabv3plus_effb0); "
+                             "a .py config is Python code and is run as such (use only configs you trust); "
+                             "a .yaml/.yml/.json one is read as data")
     parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
     parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -64,30 +70,52 @@ def main(argv=None) -> int:
 
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.mmseg import launch
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
+    cfg = None
     try:
         cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        if args.eval_only:
-            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint), verbose=args.verbose)
-            print(json.dumps(metrics, sort_keys=True, default=float))
-            return 0
-        if args.amp:
-            import torch
-
-            if not torch.cuda.is_available():
-                fail("--amp needs a GPU")
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.loss_scale = "dynamic"
-        if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
-            fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
-                 "or give another --work-dir")
-        launch.set_resume(cfg, args.resume)
-        warning = launch.cpu_workload_warning(cfg)
-        if warning:
-            print(warning, flush=True)
-        launch.train(cfg, verbose=args.verbose)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        with run_folder_locked(cfg.work_dir, "work dir"):
+            return run(args, cfg, launch)
+    except KeyboardInterrupt:
+        if cfg is None or args.eval_only:
+            interrupted("stopped before any training; nothing was written")
+        interrupted(seg_stopped_at(cfg.work_dir))
+    except (CheckpointError, FileNotFoundError, ValueError, RunFolderError) as e:
         fail(str(e))
+
+
+def seg_stopped_at(work_dir: str) -> str:
+    """Where an interrupted training stands: its last checkpoint, and the flag that continues from it."""
+    from mmengine.runner import find_latest_checkpoint
+
+    last = find_latest_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    if last is None:
+        return f"stopped before the first checkpoint in {work_dir}; run the same command again to start over"
+    return f"the last checkpoint is {last}: continue with the same command and --resume"
+
+
+def run(args, cfg, launch) -> int:
+    """Evaluate, or train (new or resumed), in the locked work dir."""
+    if args.eval_only:
+        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint), verbose=args.verbose)
+        print(json.dumps(metrics, sort_keys=True, default=float))
+        return 0
+    if args.amp:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--amp needs a GPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
+        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+             "or give another --work-dir")
+    launch.set_resume(cfg, args.resume)
+    warning = launch.cpu_workload_warning(cfg)
+    if warning:
+        print(warning, flush=True)
+    launch.train(cfg, verbose=args.verbose)
     return 0
 
 

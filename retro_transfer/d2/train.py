@@ -1,17 +1,29 @@
 """The Detectron2 trainer used by ``tools/train_net.py`` and the pipeline, and how its start-up is reported."""
 
+import logging
 import os
 import weakref
 from pathlib import Path
 from typing import Optional
 
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 
+from ..checkpoints import CheckpointError
 from ..utils.device import Workload, cpu_warning
 from ..utils.quiet import DropInfo, quiet_console
 from .data import build_evaluator, training_records
 from .weights import RetroCheckpointer
+
+
+class _ToldInOneLine(logging.Filter):
+    """Drop the train loop's traceback of a CheckpointError (a full disk...): tools/train_net.py prints it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], CheckpointError))
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(_ToldInOneLine())
 
 
 class RetroTrainer(DefaultTrainer):
@@ -19,9 +31,11 @@ class RetroTrainer(DefaultTrainer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        # Loading goes through self.checkpointer; the periodic-save hook keeps
-        # the plain DetectionCheckpointer it was built with, which saves the same.
         self.checkpointer = RetroCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # The periodic-save hook (which writes model_final.pth) saves through it too: atomically.
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
 
     @classmethod
     def build_train_loader(cls, cfg):

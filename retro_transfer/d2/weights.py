@@ -21,6 +21,7 @@ source), which :class:`RetroCheckpointer` compares with the model it loads
 into, so a file for the wrong architecture is an error, not a warning.
 """
 
+import io
 import os
 import pickle
 import re
@@ -292,6 +293,46 @@ def _check_holds_weights(checkpoint: Mapping, path: str) -> None:
     )
 
 
+class AtomicWrites:
+    """An fvcore path manager whose files opened for writing reach the disk through ``save_atomic``.
+
+    fvcore's ``Checkpointer.save`` and ``tag_last_checkpoint`` open the target
+    itself and write into it, so a full disk left a truncated
+    ``model_final.pth`` (and an ``OSError`` traceback). Here the data is staged
+    in memory and written when the file is closed: the old file or the whole
+    new one, and a failed write is a one-line CheckpointError.
+    """
+
+    def __init__(self, path_manager) -> None:
+        self._path_manager = path_manager
+
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if not set(mode) & set("wax+"):
+            return self._path_manager.open(path, mode, **kwargs)
+        return _StagedFile(path)
+
+    def __getattr__(self, name: str):
+        return getattr(self._path_manager, name)
+
+
+class _StagedFile(io.BytesIO):
+    """What ``AtomicWrites.open`` returns: bytes (or text, as UTF-8) kept until the ``with`` block ends well."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def write(self, data) -> int:
+        return super().write(data.encode() if isinstance(data, str) else data)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                save_atomic(self.getvalue(), self.path, dump=lambda data, f: f.write(data))
+        finally:
+            self.close()
+
+
 class RetroCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer that reads files safely and refuses weights that leave the model partly random.
 
@@ -311,6 +352,7 @@ class RetroCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, complete: bool = False, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.complete = complete
+        self.path_manager = AtomicWrites(self.path_manager)  # model_final.pth whole or absent, never cut short
 
     def _load_file(self, filename):
         self._path = filename

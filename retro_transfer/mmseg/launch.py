@@ -16,6 +16,8 @@ from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from retro_transfer.checkpoints import CheckpointError, safe_load
+from retro_transfer.openmmlab_config import read_config
+from retro_transfer.openmmlab_files import AtomicLocalBackend  # noqa: F401  (checkpoints written atomically)
 from retro_transfer.utils.device import Workload, cpu_warning
 from retro_transfer.utils.quiet import DropInfo, quiet_console, silence_internal_warnings
 
@@ -41,6 +43,8 @@ def load_config(
     A distributed launch needs GPUs: MMEngine's set-up pins each process to one.
     A data loader with no worker processes gets ``persistent_workers=False``
     (PyTorch refuses the combination), so ``num_workers=0`` is one option.
+    YAML/JSON configs and their ``_base_`` files are read as data only
+    (:func:`retro_transfer.openmmlab_config.read_config`).
     """
     path = Path(path)
     if not path.is_file():
@@ -52,7 +56,7 @@ def load_config(
             f"--launcher {launcher} needs GPUs (MMEngine's distributed set-up calls torch.cuda.set_device); "
             "on a CPU, train in one process without --launcher"
         )
-    cfg = Config.fromfile(str(path))
+    cfg = read_config(path)  # YAML/JSON as data only; a .py config is code, run by MMEngine
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     cfg.launcher = launcher
@@ -128,7 +132,33 @@ def _read_checkpoint(cfg: Config) -> Tuple[Optional[str], Optional[dict]]:
     rather than torch's advice to turn safe loading off, before anything starts.
     """
     path = checkpoint_to_load(cfg)
-    return path, (safe_load(path) if path and "://" not in path else None)
+    if not path or "://" in path:
+        return path, None
+    try:
+        return path, safe_load(path)
+    except CheckpointError:
+        if _is_detectron2_weights(path):
+            raise CheckpointError(
+                f"{path} is a Detectron2 weights file (.pkl), not an MMSegmentation checkpoint: it is for "
+                f"tools/train_net.py (MODEL.WEIGHTS {path}). Segmentation takes the Runner's iter_N.pth that "
+                "tools/train_seg.py writes, and starts from a student converted by tools/convert_to_mmseg.py"
+            ) from None
+        raise
+
+
+def _is_detectron2_weights(path: str) -> bool:
+    """Whether ``path`` reads as a Detectron2 ``.pkl`` weights file (read with its own allow-list unpickler).
+
+    torch's weights-only loader refuses those plain pickles of numpy arrays as
+    "code or Python objects", which misleads the owner of a legitimate file.
+    """
+    from retro_transfer.d2.pickles import load_weights_pickle  # imports Detectron2: only on this error path
+
+    try:
+        weights = load_weights_pickle(path)
+    except CheckpointError:
+        return False
+    return isinstance(weights.get("model", weights.get("blobs")), dict)
 
 
 class QuietRunner(Runner):
