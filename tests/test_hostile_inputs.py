@@ -147,7 +147,7 @@ def distill_argv(shapes_root, out, *extra):
 
 
 def test_every_run_tool_refuses_a_folder_another_process_holds(holder, shapes_root, tmp_path, capsys):
-    """distill (new and resume=auto), pretrain_teacher, cache_teacher, train_seg, train_net, pipeline."""
+    """distill (new and resume=auto), pretrain_teacher, cache_teacher, train_seg, train_det, train_net, pipeline."""
     out = tmp_path / "run"
     proc = holder(out)
     for resume in ([], ["resume=auto"]):
@@ -159,6 +159,8 @@ def test_every_run_tool_refuses_a_folder_another_process_holds(holder, shapes_ro
     code, _, err = run_main(load_tool("cache_teacher"), distill_argv(shapes_root, tmp_path / "x") + ["--out", out], capsys)
     assert code == 2 and "--out" in refused_for(proc, err)
     code, _, err = run_main(load_tool("train_seg"), ["shapes_fcn_r18", "--work-dir", out], capsys)
+    assert code == 2 and "work dir" in refused_for(proc, err)
+    code, _, err = run_main(load_tool("train_det"), ["shapes_faster_rcnn_r18", "--work-dir", out], capsys)
     assert code == 2 and "work dir" in refused_for(proc, err)
     code, _, err = run_main(load_tool("pipeline"), ["--preset", "smoke", "--out", out], capsys)
     assert code == 2 and refused_for(proc, err)

@@ -26,7 +26,7 @@ import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -62,30 +62,40 @@ def main(argv=None) -> int:
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.compat.detection_ops import CompiledOpMissing
     from retro_transfer.mmdet import launch
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
+    cfg = None
     try:
         cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        if args.eval_only:
-            metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-            print(json.dumps(metrics, sort_keys=True, default=float))
-            return 0
-        if args.amp:
-            import torch
-
-            if not torch.cuda.is_available():
-                fail("--amp needs a GPU")
-            cfg.optim_wrapper.type = "AmpOptimWrapper"
-            cfg.optim_wrapper.loss_scale = "dynamic"
-        # The run's claim on its work dir: one check, before anything is written there.
-        if not args.resume and launch.work_dir_holds_run(cfg):
-            fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
-                 "or give another --work-dir")
-        launch.set_resume(cfg, args.resume)
-        launch.train(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing) as e:
+        with run_folder_locked(cfg.work_dir, "work dir"):
+            return run(args, cfg, launch)
+    except KeyboardInterrupt:
+        if cfg is None or args.eval_only:
+            interrupted("stopped before any training; nothing was written")
+        interrupted(launch.stopped_at(cfg.work_dir))
+    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing, RunFolderError) as e:
         fail(str(e))
-    return 0
 
+
+def run(args, cfg, launch) -> int:
+    """Evaluate, or train (new or resumed), in the locked work dir."""
+    if args.eval_only:
+        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
+        print(json.dumps(metrics, sort_keys=True, default=float))
+        return 0
+    if args.amp:
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--amp needs a GPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if not args.resume and launch.work_dir_holds_run(cfg):
+        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+             "or give another --work-dir")
+    launch.set_resume(cfg, args.resume)
+    launch.train(cfg)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

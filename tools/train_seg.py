@@ -80,19 +80,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if cfg is None or args.eval_only:
             interrupted("stopped before any training; nothing was written")
-        interrupted(seg_stopped_at(cfg.work_dir))
+        interrupted(launch.stopped_at(cfg.work_dir))
     except (CheckpointError, FileNotFoundError, ValueError, RunFolderError) as e:
         fail(str(e))
-
-
-def seg_stopped_at(work_dir: str) -> str:
-    """Where an interrupted training stands: its last checkpoint, and the flag that continues from it."""
-    from mmengine.runner import find_latest_checkpoint
-
-    last = find_latest_checkpoint(work_dir) if os.path.isdir(work_dir) else None
-    if last is None:
-        return f"stopped before the first checkpoint in {work_dir}; run the same command again to start over"
-    return f"the last checkpoint is {last}: continue with the same command and --resume"
 
 
 def run(args, cfg, launch) -> int:

@@ -28,6 +28,7 @@ from retro_transfer.mmseg.checks import DataError, checkpoint_to_load
 check_pretrained = _openmmlab.check_pretrained
 set_resume = _openmmlab.set_resume
 resolve_checkpoint = _openmmlab.resolve_checkpoint
+stopped_at = _openmmlab.stopped_at
 
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 _EVALUATORS = {"val_dataloader": "val_evaluator", "test_dataloader": "test_evaluator"}

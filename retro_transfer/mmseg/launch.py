@@ -230,3 +230,11 @@ def cpu_workload_warning(cfg: Config, on_cpu: Optional[bool] = None) -> Optional
     advice = ("lower train_cfg.max_iters or train_dataloader.batch_size with --cfg-options, "
               "or train a configs/segmentation/shapes_*.py config")
     return cpu_warning(run, workload(Config.fromfile(str(CPU_SIZED_CONFIG))), advice)
+
+
+def stopped_at(work_dir: str) -> str:
+    """Where an interrupted Runner training stands (MMSeg or MMDetection): its last checkpoint, and how to continue."""
+    last = find_latest_checkpoint(work_dir) if os.path.isdir(work_dir) else None
+    if last is None:
+        return f"stopped before the first checkpoint in {work_dir}; run the same command again to start over"
+    return f"the last checkpoint is {last}: continue with the same command and --resume"
