@@ -484,3 +484,17 @@ def test_runner_trains_evaluates_and_resumes_with_weights_only(students, shapes_
                        trained["backbone.body.layer4.1.conv2.weight"])
 
     assert loads and all(weights_only is not False for _, weights_only in loads)
+
+
+def test_two_runs_in_one_process_within_a_second_keep_their_own_logs(students, shapes_root, tmp_path, capsys):
+    """MMEngine hands a Runner named like an earlier one (config name and start second) that run's visualizer:
+    the second run's scalars went into the first run's work dir. Each run is named on its own."""
+    config = _shapes_config(tmp_path, shapes_root, students["resnet18"][2])
+    short = ["--cfg-options", "train_cfg.max_iters=2", "train_cfg.val_interval=100", "param_scheduler.0.end=2",
+             "default_hooks.checkpoint.interval=2", "val_cfg=None", "val_dataloader=None", "val_evaluator=None"]
+    for name in ("first", "second"):
+        code, _, err = run_tool(train_tool, [config, "--work-dir", tmp_path / name, *short], capsys)
+        assert code == 0, err
+    for name in ("first", "second"):
+        iters = [r["iter"] for r in _scalars(tmp_path / name) if "loss" in r]
+        assert iters == [1, 2], (name, iters)

@@ -179,7 +179,7 @@ def _runner(cfg: Config) -> Runner:
     """The Runner, once the checkpoint it will load (read with ``weights_only``) is known to fill its detector."""
     path = checkpoint_to_load(cfg)
     ckpt = safe_load(path) if path and "://" not in path else None
-    runner = Runner.from_cfg(cfg)
+    runner = Runner.from_cfg(_openmmlab.name_this_run(cfg))
     if ckpt is not None:
         check_detector_checkpoint(runner.model, ckpt, path)
     return runner

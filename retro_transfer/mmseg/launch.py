@@ -8,6 +8,8 @@ entries and checks the files a run needs before it spends minutes starting.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
@@ -180,11 +182,30 @@ class QuietRunner(Runner):
         return logger
 
 
+def name_this_run(cfg: Config) -> Config:
+    """Give the Runner an experiment name of its own, unless the config sets one.
+
+    MMEngine hands a Runner the visualizer and message hub of an earlier one
+    of the same name: the configs name their visualizer ``visualizer`` (as
+    MMSeg's and MMDetection's runtime bases do), and the message hub is named
+    after the config file and the second the run started. Two runs in one
+    process (the pipeline's stages, a test after another) then wrote the
+    second run's scalars into the first run's work dir. ``get_current_instance``
+    still finds the run's visualizer, whatever its name.
+    """
+    if not cfg.get("experiment_name"):
+        stem = Path(cfg.filename).stem if cfg.filename else "run"
+        cfg.experiment_name = f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
+    if cfg.get("visualizer"):
+        cfg.visualizer.name = cfg.experiment_name
+    return cfg
+
+
 def _runner(cfg: Config, path: Optional[str], ckpt: Optional[dict], verbose: bool = False) -> Runner:
     """The Runner, once the checkpoint it will load is known to fill its model; quiet unless ``verbose``."""
     if not verbose:
         silence_internal_warnings()
-    runner = (Runner if verbose else QuietRunner).from_cfg(cfg)
+    runner = (Runner if verbose else QuietRunner).from_cfg(name_this_run(cfg))
     if ckpt is not None:
         check_segmentor_checkpoint(runner.model, ckpt, path)
     return runner
