@@ -177,7 +177,8 @@ def write_report(
     if rows:
         num_val = next(iter(records["eval_teacher"]["metrics"].values())).get("num_val") if "eval_teacher" in records else None
         lines += ["", "## Frozen-feature evaluation", "",
-                  f"Linear probe on features computed once (centre crop, {preset['probe_epochs']} epochs, lr {preset['probe_lr']}) "
+                  "Linear probe: logistic regression (L-BFGS) on centre-crop features standardised with the training split's statistics, "
+                  "its L2 strength chosen on a held-out fifth of the training split (never val), "
                   f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split"
                   + (f" ({num_val} validation images: one image is {100 / num_val:.2f} points)" if num_val else "")
                   + f". Brackets: 95% bootstrap intervals over validation images; the last column is the paired "

@@ -173,39 +173,32 @@ def _distill(method: str):
 # -- evaluation -----------------------------------------------------------------------------
 
 
-def evaluate_frozen(encoder, root: Path, image_size: int, k: int, epochs: int, lr: float, seed: int) -> Dict:
-    """k-NN and linear probe (on features computed once: the quick variant) of a frozen encoder on an ImageFolder split."""
-    from distill.evaluation import (
-        eval_transform,
-        extract_features,
-        image_folder,
-        knn_classify,
-        make_loader,
-        topk_accuracy,
-        train_linear_probe,
-    )
+def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int) -> Dict:
+    """k-NN and the standardised linear probe of a frozen encoder, both on centre-crop features computed once.
+
+    The probe (:func:`distill.evaluation.linear_probe`) standardises features and
+    chooses its L2 strength on held-out training images, so its numbers compare
+    across backbones whatever their feature scale; the choice is recorded.
+    """
+    from distill.evaluation import eval_transform, extract_features, image_folder, knn_classify, linear_probe, make_loader, topk_accuracy
 
     transform = eval_transform(image_size)
     train = image_folder(root, "train", transform)
     val = image_folder(root, "val", transform)
-    val_loader = make_loader(val, 64, shuffle=False)
     train_feats, train_labels = extract_features(encoder, make_loader(train, 64, shuffle=False))
-    val_feats, val_labels = extract_features(encoder, val_loader)
+    val_feats, val_labels = extract_features(encoder, make_loader(val, 64, shuffle=False))
     k = min(k, len(train))
     knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k)
     knn = topk_accuracy(knn_scores, val_labels)
-    probe = train_linear_probe(
-        encoder, make_loader(train, 64, shuffle=True, seed=seed), val_loader, len(train.classes),
-        epochs=epochs, lr=lr, precompute_features=True, seed=seed,
-    )
+    probe = linear_probe(train_feats, train_labels, val_feats, val_labels, len(train.classes), seed=seed)
     per_image = {"linear": probe["val_correct"], "knn": (knn_scores.argmax(dim=1) == val_labels).int().tolist()}
     return {"knn_top1": knn["top1"], "knn_k": k, "linear_top1": probe["top1"], "linear_top5": probe["top5"],
-            "num_val": len(val), "per_image": per_image}
+            "linear_weight_decay": probe["weight_decay"], "num_val": len(val), "per_image": per_image}
 
 
 def _evaluate_encoder(ctx: Context, encoder, dim: int, which: str) -> Dict:
     p = ctx.preset
-    result = evaluate_frozen(encoder, data_dir(ctx) / "classification", p["crop"], p["knn_k"], p["probe_epochs"], p["probe_lr"], p["seed"])
+    result = evaluate_frozen(encoder, data_dir(ctx) / "classification", p["crop"], p["knn_k"], p["seed"])
     return {"features": which, "dim": dim, **result}
 
 
@@ -252,7 +245,7 @@ def _eval_random(ctx: Context, folder: Path) -> Dict:
 def _eval_random_command(ctx: Context, folder: Path) -> str:
     p = ctx.preset
     return (f"python bench/random_init_probe.py --data {data_dir(ctx) / 'classification'} --archs {' '.join(_random_archs(ctx))} "
-            f"--image-size {p['crop']} --seeds {p['seed']} --epochs {p['probe_epochs']} --lr {p['probe_lr']} --k {p['knn_k']} "
+            f"--image-size {p['crop']} --seeds {p['seed']} --k {p['knn_k']} "
             f"--out {folder / 'result.json'}")
 
 
@@ -262,8 +255,8 @@ def _eval_command(checkpoint_of, which_list):
         parts = []
         for which in which_list:
             parts.append(
-                f"python tools/linear_eval.py {ckpt} --data {data} --features {which} --precompute "
-                f"--epochs {p['probe_epochs']} --lr {p['probe_lr']} --batch-size 64 --image-size {p['crop']} --seed {p['seed']}"
+                f"python tools/linear_eval.py {ckpt} --data {data} --features {which} "
+                f"--batch-size 64 --image-size {p['crop']} --seed {p['seed']}"
             )
             parts.append(f"python tools/knn_eval.py {ckpt} --data {data} --features {which} --k {p['knn_k']} --image-size {p['crop']}")
         return " && ".join(parts)
