@@ -595,6 +595,34 @@ def choose_weight_decay(feats: torch.Tensor, labels: torch.Tensor, num_classes: 
     return {"weight_decay": best["weight_decay"], "sweep": sweep, "num_fit": int(fit.numel()), "num_holdout": int(held.numel())}
 
 
+class ProbeHead(nn.Module):
+    """A fitted probe as one module: fixed standardisation (buffers, not trained), then the Linear layer.
+
+    Fine-tuning from it (linear probing, then fine-tuning: Kumar et al. 2022)
+    starts from the probe's accuracy, and its learning rate acts on
+    standardised features whatever the backbone's feature scale.
+    """
+
+    def __init__(self, scale: Standardiser, classifier: nn.Linear):
+        super().__init__()
+        self.register_buffer("mean", scale.mean.float())
+        self.register_buffer("scale", scale.scale.float())
+        self.register_buffer("constant", scale.constant)
+        self.linear = classifier.requires_grad_(True)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear(((feats - self.mean) / self.scale).masked_fill(self.constant, 0.0))
+
+
+def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> Tuple[ProbeHead, Dict[str, object]]:
+    """Choose the L2 strength on held-out training images, refit on all of them: the head and the choice."""
+    feats, labels = feats.cpu(), labels.long().cpu()
+    choice = choose_weight_decay(feats, labels, num_classes, seed=seed)
+    scale = Standardiser(feats)
+    classifier = fit_logistic_regression(scale(feats), labels, num_classes, choice["weight_decay"])
+    return ProbeHead(scale, classifier), choice
+
+
 def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
                  num_classes: int, seed: int = 0) -> Dict[str, object]:
     """The default linear probe: standardised features, L2 strength chosen on held-out training images, L-BFGS.
@@ -610,17 +638,16 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feat
         raise ValueError(f"need 2-D features of one width, got train {tuple(train_feats.shape)} and val {tuple(val_feats.shape)}")
     train_labels, val_labels = train_labels.long().cpu(), val_labels.long().cpu()
     train_feats, val_feats = train_feats.cpu(), val_feats.cpu()
-    choice = choose_weight_decay(train_feats, train_labels, num_classes, seed=seed)
-    scale = Standardiser(train_feats)
-    classifier = fit_logistic_regression(scale(train_feats), train_labels, num_classes, choice["weight_decay"])
+    head, choice = fit_probe(train_feats, train_labels, num_classes, seed=seed)
     with torch.no_grad():
-        scores = classifier(scale(val_feats))
+        scores = head(val_feats.float())
+        train_top1 = 100.0 * (head(train_feats.float()).argmax(dim=1) == train_labels).double().mean().item()
     return {
         **topk_accuracy(scores, val_labels),
         "protocol": "standardised",
         "weight_decay": choice["weight_decay"],
         "selection": {"scored_on": f"held-out {PROBE_HOLDOUT_FRACTION:.0%} of the training split", **choice},
-        "train_top1": _score(classifier, scale(train_feats), train_labels)[0],
+        "train_top1": train_top1,
         "feature_dim": int(train_feats.shape[1]),
         "num_val": int(val_feats.shape[0]),
         "seed": seed,
