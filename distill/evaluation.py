@@ -496,9 +496,12 @@ PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0,
 #: Share of each class's training images held out to score the sweep (never the val split).
 PROBE_HOLDOUT_FRACTION = 0.2
 PROBE_MAX_ITERATIONS = 300
-# A feature whose spread is below this share of the widest one is constant up to rounding:
-# dividing by its spread would amplify rounding noise into a unit-variance feature.
-CONSTANT_FEATURE_RATIO = 1e-6
+#: Used, and said so in the result, when no class has two training images to hold one out.
+PROBE_FALLBACK_WEIGHT_DECAY = 0.1
+# No feature is divided by less than this share of the features' mean spread: a nearly dead
+# channel (a ReLU that almost never fires) would otherwise be blown up to unit variance, its
+# rounding noise with it, and fine-tuning from the probe would amplify its gradients as much.
+SPREAD_FLOOR = 0.01
 
 
 class Standardiser:
@@ -506,21 +509,19 @@ class Standardiser:
 
     Dividing by each feature's spread makes the probe blind to the backbone's
     feature scale (EfficientNet-B0's random features are a million times
-    smaller than ResNet-18's); the threshold for "constant" is relative to the
-    widest feature, so scaling every feature by any factor changes nothing.
+    smaller than ResNet-18's); the floor on the spread is relative to the mean
+    spread, so scaling every feature by any factor changes nothing.
     """
 
     def __init__(self, feats: torch.Tensor):
         feats = feats.double()
         self.mean = feats.mean(dim=0)
         std = feats.std(dim=0, unbiased=False)
-        widest = float(std.max()) if std.numel() else 0.0
-        self.constant = std <= CONSTANT_FEATURE_RATIO * widest
-        self.scale = torch.where(self.constant, torch.ones_like(std), std)
+        floor = SPREAD_FLOOR * float(std.mean()) if std.numel() else 0.0
+        self.scale = std.clamp_min(floor) if floor > 0 else torch.ones_like(std)
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
-        z = (feats.double() - self.mean) / self.scale
-        return z.masked_fill(self.constant, 0.0).float()
+        return ((feats.double() - self.mean) / self.scale).float()
 
 
 def holdout_split(labels: torch.Tensor, fraction: float = PROBE_HOLDOUT_FRACTION, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -578,13 +579,15 @@ def choose_weight_decay(feats: torch.Tensor, labels: torch.Tensor, num_classes: 
     """The sweep: fit on four fifths of the training split, score each ``weight_decay`` on the held-out fifth.
 
     Takes only training features and labels, so the choice cannot depend on the
-    val split. The best held-out accuracy wins; ties go to the lower held-out
+    val split. With one image a class there is nothing to hold out: the result
+    then says so (``note``) and uses ``PROBE_FALLBACK_WEIGHT_DECAY``. The best held-out accuracy wins; ties go to the lower held-out
     cross-entropy, then to the stronger regularisation. Standardisation for the
     sweep uses the fit part's statistics only.
     """
     fit, held = holdout_split(labels, seed=seed)
-    if held.numel() == 0:
-        raise ValueError("the linear probe's sweep needs at least two training images in some class; add training images")
+    if held.numel() == 0:  # one image a class: nothing can be held out without losing a class
+        return {"weight_decay": PROBE_FALLBACK_WEIGHT_DECAY, "sweep": [], "num_fit": int(fit.numel()), "num_holdout": 0,
+                "note": f"no class has two training images: no sweep, weight decay {PROBE_FALLBACK_WEIGHT_DECAY:g} as set"}
     scale = Standardiser(feats[fit])
     fit_x, held_x = scale(feats[fit]), scale(feats[held])
     sweep = []
@@ -607,11 +610,10 @@ class ProbeHead(nn.Module):
         super().__init__()
         self.register_buffer("mean", scale.mean.float())
         self.register_buffer("scale", scale.scale.float())
-        self.register_buffer("constant", scale.constant)
         self.linear = classifier.requires_grad_(True)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.linear(((feats - self.mean) / self.scale).masked_fill(self.constant, 0.0))
+        return self.linear((feats - self.mean) / self.scale)
 
 
 def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> Tuple[ProbeHead, Dict[str, object]]:

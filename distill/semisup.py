@@ -308,6 +308,8 @@ def fine_tune(
         torch.manual_seed(seed)
         classifier, probe = _make_head(encoder, feature_dim, num_classes, head_init, probe_loader or train_loader, device, seed)
         model = nn.Sequential(encoder, classifier).to(device).requires_grad_(True)
+        if probe is not None:  # where fine-tuning starts: the probe on the labelled images alone (read, not selected on)
+            probe["start_top1"] = topk_accuracy(*_predict(model, val_loader, device), ks=(1,))["top1"]
         groups = [
             {"params": encoder.parameters(), "lr": lr_backbone},
             {"params": classifier.parameters(), "lr": lr_classifier},

@@ -24,14 +24,14 @@ PRESETS = {
         seed=0, num_images=400, image_side=64, crop=48, workers=0,
         teacher_arch="resnet18", teacher_steps=120, distill_steps=30, batch_size=64, queue_size=256, ema_momentum=0.99,
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=64,
-        knn_k=20, knn_points=5, semisup_epochs=5,
+        knn_k=20, knn_points=5, semisup_epochs=10,
         det_iters=40, det_batch=4, det_lr=0.01, seg_iters=40, seg_batch=4, mrcnn_iters=40,
     ),
     "default": dict(
         seed=0, num_images=800, image_side=96, crop=48, workers=0,
         teacher_arch="resnet18", teacher_steps=400, distill_steps=80, batch_size=64, queue_size=512, ema_momentum=0.99,
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=64,
-        knn_k=20, knn_points=10, semisup_epochs=10,
+        knn_k=20, knn_points=10, semisup_epochs=20,
         det_iters=100, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4, mrcnn_iters=60,
     ),
 }
