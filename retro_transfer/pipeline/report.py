@@ -166,7 +166,7 @@ def semisup_recipe_text(preset: Mapping) -> str:
     from .upstream import SEMISUP_RECIPE as r
 
     return (f"10%-label column: the whole network fine-tuned on 10% of the training labels per class "
-            f"({preset.get('semisup_epochs', '-')} epochs, batch {r['batch_size']}, SGD momentum 0.9, learning rate "
+            f"({preset.get('semisup_epochs', '-')} epochs, batch {r['batch_size']}, {r['optimizer_name'].replace('adamw', 'AdamW')}, learning rate "
             f"{r['lr_backbone']:g} for the backbone and {r['lr_classifier']:g} for the head, {r['schedule']} decay; the head "
             f"starts from the standardised linear probe fitted on the labelled images; BatchNorm frozen at its running "
             f"statistics; tools/semisup_eval.py, command in the stage table). \"start\": the top-1 of that probe before "
