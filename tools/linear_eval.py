@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     run = _run_standardised if args.protocol == "standardised" else _run_moco
     try:
         result = run(ev, encoder, args, device, len(classes))
-    except ValueError as err:  # e.g. too few training images for the held-out sweep
+    except (ValueError, ev.NonFiniteFeaturesError) as err:  # e.g. too few training images for the sweep; NaN features
         fail(str(err))
     payload = _report(ev, args, info, classes, result, time.perf_counter() - start)
     if args.out:

@@ -132,6 +132,12 @@ def _report(ev, args, result, classes, seconds) -> dict:
     }
 
 
+def _discard(labels_out: Path, had_labels: bool) -> None:
+    """A run that failed leaves no label list of its own: a re-run would otherwise need --force."""
+    if not had_labels:
+        labels_out.unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -149,18 +155,22 @@ def main(argv=None) -> int:
     except ValueError as err:  # DataError included: a missing or empty folder
         fail(str(err))
     start = time.perf_counter()
+    labels_out = labels_path(args.out)
+    had_labels = labels_out.exists()  # only with --force (check_results_free)
     try:
         result = finetune_semisup(
             args.checkpoint, args.data, args.label_fraction, label_list=args.label_list,
-            labels_out=labels_path(args.out), epochs=args.epochs, lr_backbone=args.lr_backbone,
+            labels_out=labels_out, epochs=args.epochs, lr_backbone=args.lr_backbone,
             lr_classifier=args.lr_classifier, momentum=args.momentum, weight_decay=args.weight_decay,
             schedule=args.schedule, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
             device=args.device, seed=args.seed, head_init=args.head_init, bn=args.bn,
             optimizer_name=args.optimizer, say=print,
         )
     except CheckpointError as err:
+        _discard(labels_out, had_labels)
         fail_on_checkpoint(args.checkpoint, str(err))
     except (ev.DataError, FloatingPointError, OSError) as err:
+        _discard(labels_out, had_labels)
         fail(str(err))
     payload = _report(ev, args, result, classes, time.perf_counter() - start)
     try:
