@@ -14,10 +14,12 @@ same command again continues a build that stopped.
 
 import sys
 
-from retro_transfer.checkpoints import CheckpointError
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path, positive_int
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
+
+from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

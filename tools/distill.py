@@ -12,10 +12,12 @@ replaced with overwrite=true; without either the run is refused.
 
 import sys
 
-from retro_transfer.checkpoints import CheckpointError
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
+
+from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

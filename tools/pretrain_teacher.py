@@ -13,10 +13,12 @@ loads as ``teacher.checkpoint`` exactly as a released MoCo v2 checkpoint does.
 
 import sys
 
-from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
+
+from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic  # noqa: E402
 
 TEACHER_FILE = "checkpoint_last.pth.tar"
 
