@@ -29,11 +29,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from distill.config import ConfigError, load_config
+    from distill.config import LABELLED_METHODS, ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
 
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.method in LABELLED_METHODS:
+            raise ConfigError(
+                f"method {cfg.method} trains on labels, so it makes teachers, not distilled students: "
+                f"run it with tools/pretrain_teacher.py"
+            )
         final = Trainer(cfg).fit()
     except (ConfigError, CheckpointError) as err:
         fail(str(err))
