@@ -3,7 +3,12 @@
 Both protocols measure what a self-supervised encoder learned without touching
 its weights:
 
-* **Linear probe** (MoCo's ``main_lincls.py``): the encoder is frozen, in eval
+* **Standardised linear probe** (the default, :func:`linear_probe`): features
+  extracted once, standardised with training-split statistics, multinomial
+  logistic regression by full-batch L-BFGS, its L2 strength chosen on a
+  held-out fifth of the training split. Independent of the backbone's feature
+  scale, so it compares a ResNet teacher with EfficientNet students.
+* **MoCo linear probe** (``main_lincls.py``, for papers' ImageNet tables): the encoder is frozen, in eval
   mode (BN running statistics, not batch statistics), and one ``nn.Linear`` on
   its global-pooled features is trained with SGD, lr 30, momentum 0.9, wd 0,
   100 epochs, lr x 0.1 at 60 % and 80 % of the epochs, batch 256, random-resized
@@ -481,6 +486,174 @@ def train_linear_probe(
         "num_val": int(val_feats.shape[0]),
         # Per validation image, in loader order: 1 if the top-1 class was right (for intervals).
         "val_correct": (scores.argmax(dim=1).cpu() == val_labels).int().tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- standardised linear probe (the default)
+
+#: L2 strengths (``weight_decay`` in ``mean CE + wd / 2 * ||W||^2``) the sweep tries, on standardised features.
+PROBE_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+#: Share of each class's training images held out to score the sweep (never the val split).
+PROBE_HOLDOUT_FRACTION = 0.2
+PROBE_MAX_ITERATIONS = 300
+#: Used, and said so in the result, when no class has two training images to hold one out.
+PROBE_FALLBACK_WEIGHT_DECAY = 0.1
+# No feature is divided by less than this share of the features' mean spread: a nearly dead
+# channel (a ReLU that almost never fires) would otherwise be blown up to unit variance, its
+# rounding noise with it, and fine-tuning from the probe would amplify its gradients as much.
+SPREAD_FLOOR = 0.01
+
+
+class Standardiser:
+    """Per-feature centring and scaling by training-split statistics (in float64).
+
+    Dividing by each feature's spread makes the probe blind to the backbone's
+    feature scale (EfficientNet-B0's random features are a million times
+    smaller than ResNet-18's); the floor on the spread is relative to the mean
+    spread, so scaling every feature by any factor changes nothing.
+    """
+
+    def __init__(self, feats: torch.Tensor):
+        feats = feats.double()
+        self.mean = feats.mean(dim=0)
+        std = feats.std(dim=0, unbiased=False)
+        floor = SPREAD_FLOOR * float(std.mean()) if std.numel() else 0.0
+        self.scale = std.clamp_min(floor) if floor > 0 else torch.ones_like(std)
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        return ((feats.double() - self.mean) / self.scale).float()
+
+
+def holdout_split(labels: torch.Tensor, fraction: float = PROBE_HOLDOUT_FRACTION, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(fit, held_out)`` of the training split, stratified: ``fraction`` of each class is held out.
+
+    A class with a single image stays wholly in ``fit`` (the probe must see
+    every class); ``held_out`` is empty when no class has two images.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in torch.unique(labels).tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(members.numel(), generator=generator)]
+        take = int(round(fraction * members.numel())) if members.numel() >= 2 else 0
+        take = min(max(take, 1 if members.numel() >= 2 else 0), members.numel() - 1)
+        held.append(members[:take])
+        fit.append(members[take:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def fit_logistic_regression(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float,
+                            max_iterations: int = PROBE_MAX_ITERATIONS) -> nn.Linear:
+    """Multinomial logistic regression, full batch, L-BFGS: ``mean CE + weight_decay / 2 * ||W||^2`` (bias free).
+
+    Full-batch L-BFGS from a zero start has no learning rate, batch order or
+    initialisation to choose, so the only hyper-parameter is ``weight_decay``
+    (CLIP's linear-probe protocol; the data sets here fit in memory as features).
+    """
+    classifier = nn.Linear(feats.shape[1], num_classes)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(classifier.parameters(), lr=1.0, max_iter=max_iterations, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(classifier(feats), labels) + 0.5 * weight_decay * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return classifier.requires_grad_(False)
+
+
+def _score(classifier: nn.Linear, feats: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float]:
+    """(accuracy %, mean cross-entropy) of ``classifier`` on ``feats``."""
+    with torch.no_grad():
+        logits = classifier(feats)
+    return 100.0 * (logits.argmax(dim=1) == labels).double().mean().item(), F.cross_entropy(logits, labels).item()
+
+
+def choose_weight_decay(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+                        grid: Sequence[float] = PROBE_WEIGHT_DECAYS) -> Dict[str, object]:
+    """The sweep: fit on four fifths of the training split, score each ``weight_decay`` on the held-out fifth.
+
+    Takes only training features and labels, so the choice cannot depend on the
+    val split. With one image a class there is nothing to hold out: the result
+    then says so (``note``) and uses ``PROBE_FALLBACK_WEIGHT_DECAY``. The best held-out accuracy wins; ties go to the lower held-out
+    cross-entropy, then to the stronger regularisation. Standardisation for the
+    sweep uses the fit part's statistics only.
+    """
+    fit, held = holdout_split(labels, seed=seed)
+    if held.numel() == 0:  # one image a class: nothing can be held out without losing a class
+        return {"weight_decay": PROBE_FALLBACK_WEIGHT_DECAY, "sweep": [], "num_fit": int(fit.numel()), "num_holdout": 0,
+                "note": f"no class has two training images: no sweep, weight decay {PROBE_FALLBACK_WEIGHT_DECAY:g} as set"}
+    scale = Standardiser(feats[fit])
+    fit_x, held_x = scale(feats[fit]), scale(feats[held])
+    sweep = []
+    for wd in grid:
+        acc, ce = _score(fit_logistic_regression(fit_x, labels[fit], num_classes, wd), held_x, labels[held])
+        sweep.append({"weight_decay": wd, "holdout_top1": acc, "holdout_loss": ce})
+    best = max(sweep, key=lambda r: (r["holdout_top1"], -round(r["holdout_loss"], 6), r["weight_decay"]))
+    return {"weight_decay": best["weight_decay"], "sweep": sweep, "num_fit": int(fit.numel()), "num_holdout": int(held.numel())}
+
+
+class ProbeHead(nn.Module):
+    """A fitted probe as one module: fixed standardisation (buffers, not trained), then the Linear layer.
+
+    Fine-tuning from it (linear probing, then fine-tuning: Kumar et al. 2022)
+    starts from the probe's accuracy, and its learning rate acts on
+    standardised features whatever the backbone's feature scale.
+    """
+
+    def __init__(self, scale: Standardiser, classifier: nn.Linear):
+        super().__init__()
+        self.register_buffer("mean", scale.mean.float())
+        self.register_buffer("scale", scale.scale.float())
+        self.linear = classifier.requires_grad_(True)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear((feats - self.mean) / self.scale)
+
+
+def fit_probe(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> Tuple[ProbeHead, Dict[str, object]]:
+    """Choose the L2 strength on held-out training images, refit on all of them: the head and the choice."""
+    feats, labels = feats.cpu(), labels.long().cpu()
+    choice = choose_weight_decay(feats, labels, num_classes, seed=seed)
+    scale = Standardiser(feats)
+    classifier = fit_logistic_regression(scale(feats), labels, num_classes, choice["weight_decay"])
+    return ProbeHead(scale, classifier), choice
+
+
+def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, val_labels: torch.Tensor,
+                 num_classes: int, seed: int = 0) -> Dict[str, object]:
+    """The default linear probe: standardised features, L2 strength chosen on held-out training images, L-BFGS.
+
+    1. ``weight_decay`` is chosen by :func:`choose_weight_decay` on the training
+       split alone; 2. the classifier is refit on the whole training split,
+       standardised by its statistics, with that value; 3. it is scored once on
+       val. The result names the chosen value and the sweep behind it.
+    """
+    if num_classes < 2:
+        raise ValueError(f"a linear probe needs at least 2 classes, got {num_classes}")
+    if train_feats.ndim != 2 or val_feats.ndim != 2 or train_feats.shape[1] != val_feats.shape[1]:
+        raise ValueError(f"need 2-D features of one width, got train {tuple(train_feats.shape)} and val {tuple(val_feats.shape)}")
+    train_labels, val_labels = train_labels.long().cpu(), val_labels.long().cpu()
+    train_feats, val_feats = train_feats.cpu(), val_feats.cpu()
+    head, choice = fit_probe(train_feats, train_labels, num_classes, seed=seed)
+    with torch.no_grad():
+        scores = head(val_feats.float())
+        train_top1 = 100.0 * (head(train_feats.float()).argmax(dim=1) == train_labels).double().mean().item()
+    return {
+        **topk_accuracy(scores, val_labels),
+        "protocol": "standardised",
+        "weight_decay": choice["weight_decay"],
+        "selection": {"scored_on": f"held-out {PROBE_HOLDOUT_FRACTION:.0%} of the training split", **choice},
+        "train_top1": train_top1,
+        "feature_dim": int(train_feats.shape[1]),
+        "num_val": int(val_feats.shape[0]),
+        "seed": seed,
+        "val_correct": (scores.argmax(dim=1) == val_labels).int().tolist(),
     }
 
 

@@ -46,6 +46,8 @@ from .evaluation import (
     check_image_folder,
     default_milestones,
     eval_transform,
+    extract_features,
+    fit_probe,
     image_folder,
     make_classifier,
     make_loader,
@@ -69,6 +71,12 @@ LRS_10_PERCENT = (0.01, 0.2)
 #: Below this labelled fraction the 1 % rates apply (3 % is about halfway between 1 % and 10 % on a log scale).
 LOW_LABEL_FRACTION = 0.03
 SCHEDULES = ("step", "cosine")
+#: How the classifier starts: "random" (SwAV: N(0, 0.01)) or "probe" (the standardised linear probe
+#: fitted on the labelled images: linear probing, then fine-tuning).
+HEAD_INITS = ("random", "probe")
+#: BatchNorm while fine-tuning: "train" (SwAV: batch statistics) or "frozen" (running statistics kept,
+#: affine weights still train), for batches too small for good statistics.
+BN_MODES = ("train", "frozen")
 
 LIST_HINT = (
     "a label list has one training image per line, as a path relative to train/ (<class>/<file>) or a bare file "
@@ -195,6 +203,29 @@ def _check_finetune_args(num_classes, epochs, lr_backbone, lr_classifier, moment
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+def _set_train_mode(model: nn.Module, bn: str) -> None:
+    """Train mode, except BatchNorm layers when ``bn == "frozen"`` (they keep normalising with running statistics)."""
+    model.train()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def _make_head(encoder: nn.Module, feature_dim: int, num_classes: int, head_init: str, probe_loader, device, seed: int):
+    """The classifier: MoCo's random Linear, or the standardised probe fitted on the labelled images' features."""
+    if head_init == "random":
+        return make_classifier(feature_dim, num_classes), None
+    feats, labels = extract_features(encoder.to(device), probe_loader, device, desc="features (labelled)")
+    head, choice = fit_probe(feats, labels, num_classes, seed=seed)
+    return head, {"weight_decay": choice["weight_decay"], "num_holdout": choice["num_holdout"]}
+
+
 def _scheduler(optimizer, schedule: str, epochs: int, milestones: Sequence[int]):
     """Per-epoch schedule: x SEMISUP_GAMMA at each milestone (SwAV), or cosine decay to zero."""
     if schedule == "cosine":
@@ -202,9 +233,9 @@ def _scheduler(optimizer, schedule: str, epochs: int, milestones: Sequence[int])
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=SEMISUP_GAMMA)
 
 
-def _train_epoch(model: nn.Module, optimizer, loader: DataLoader, device: torch.device, epoch: int) -> float:
+def _train_epoch(model: nn.Module, optimizer, loader: DataLoader, device: torch.device, epoch: int, bn: str = "train") -> float:
     """One SGD pass over the labelled images; the mean loss, stopping on a non-finite one."""
-    model.train()
+    _set_train_mode(model, bn)
     total, count = 0.0, 0
     for images, labels in progress_bar(loader, desc=f"fine-tune epoch {epoch + 1}", total=len(loader)):
         labels = torch.as_tensor(labels).long().to(device, non_blocking=True)
@@ -248,24 +279,37 @@ def fine_tune(
     milestones: Optional[Sequence[int]] = None,
     device: Union[str, torch.device] = "cpu",
     seed: int = 0,
+    head_init: str = "random",
+    bn: str = "train",
+    probe_loader: Optional[DataLoader] = None,
 ) -> Dict[str, object]:
-    """Train ``encoder`` (images -> (B, feature_dim)) and a new Linear layer; top-1/top-5 (%) on ``val_loader``.
+    """Train ``encoder`` (images -> (B, feature_dim)) and a new classifier; top-1/top-5 (%) on ``val_loader``.
 
     Every weight trains, with one learning rate for the encoder and another
-    for the classifier (SGD parameter groups); BatchNorm layers use batch
-    statistics while training. ``encoder`` is modified in place and left in
-    eval mode. Deterministic given ``seed`` (the global RNG is forked and
-    re-seeded for the duration); seed the loaders too (:func:`make_loader`).
+    for the classifier (SGD parameter groups). ``bn="train"`` (SwAV) uses batch
+    statistics while training; ``"frozen"`` keeps the running statistics (a
+    batch of 16 small images estimates them badly). ``head_init="probe"``
+    starts the classifier from the standardised linear probe fitted on
+    ``probe_loader``'s features (the labelled images, centre-cropped; default
+    ``train_loader``), so fine-tuning starts where the probe ends and its
+    classifier learning rate does not depend on the backbone's feature scale.
+    ``encoder`` is modified in place and left in eval mode. Deterministic given
+    ``seed`` (the global RNG is forked and re-seeded for the duration); seed the
+    loaders too (:func:`make_loader`).
     """
     _check_finetune_args(num_classes, epochs, lr_backbone, lr_classifier, momentum, weight_decay, schedule)
+    _check_choice("head initialisation", head_init, HEAD_INITS)
+    _check_choice("BatchNorm mode", bn, BN_MODES)
     device = torch.device(device)
     if schedule == "cosine":
         milestones = []
     milestones = default_milestones(epochs) if milestones is None else list(milestones)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        classifier = make_classifier(feature_dim, num_classes)
+        classifier, probe = _make_head(encoder, feature_dim, num_classes, head_init, probe_loader or train_loader, device, seed)
         model = nn.Sequential(encoder, classifier).to(device).requires_grad_(True)
+        if probe is not None:  # where fine-tuning starts: the probe on the labelled images alone (read, not selected on)
+            probe["start_top1"] = topk_accuracy(*_predict(model, val_loader, device), ks=(1,))["top1"]
         groups = [
             {"params": encoder.parameters(), "lr": lr_backbone},
             {"params": classifier.parameters(), "lr": lr_classifier},
@@ -274,7 +318,7 @@ def fine_tune(
         scheduler = _scheduler(optimizer, schedule, epochs, milestones)
         loss = float("nan")
         for epoch in range(epochs):
-            loss = _train_epoch(model, optimizer, train_loader, device, epoch)
+            loss = _train_epoch(model, optimizer, train_loader, device, epoch, bn)
             scheduler.step()
         scores, labels = _predict(model, val_loader, device)
     return {
@@ -288,8 +332,13 @@ def fine_tune(
         "milestones": milestones,
         "gamma": SEMISUP_GAMMA if schedule == "step" else None,
         "seed": seed,
+        "head_init": head_init,
+        "head_probe": probe,
+        "bn": bn,
         "final_train_loss": loss,
         "num_val": int(labels.shape[0]),
+        # Per validation image, in loader order: 1 if the top-1 class was right (for intervals).
+        "val_correct": (scores.argmax(dim=1) == labels).int().tolist(),
     }
 
 
@@ -325,6 +374,8 @@ def finetune_semisup(
     workers: int = 4,
     device: Optional[Union[str, torch.device]] = None,
     seed: int = 0,
+    head_init: str = "random",
+    bn: str = "train",
     say: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, object]:
     """Semi-supervised numbers for a checkpoint's backbone on an ImageFolder ``data_root`` (train/ and val/).
@@ -335,7 +386,8 @@ def finetune_semisup(
     given, before training starts. Learning rates left as None take SwAV's
     values for the label setting closer to ``label_fraction`` (for a list: to
     the share of train/ it names; :func:`default_learning_rates`). ``say``
-    receives progress sentences.
+    receives progress sentences. ``head_init`` and ``bn``: see :func:`fine_tune`
+    (the defaults are SwAV's recipe).
 
     Returns the metrics (``top1``, ``top5``, in %) with the recipe used, the
     labelled subset (``labelled``) and what was loaded (``info``). Raises
@@ -357,6 +409,8 @@ def finetune_semisup(
     lr_backbone = default_lrs[0] if lr_backbone is None else lr_backbone
     lr_classifier = default_lrs[1] if lr_classifier is None else lr_classifier
     _check_finetune_args(len(classes), epochs, lr_backbone, lr_classifier, momentum, weight_decay, schedule)
+    _check_choice("head initialisation", head_init, HEAD_INITS)
+    _check_choice("BatchNorm mode", bn, BN_MODES)
     encoder, info = load_encoder(checkpoint, "backbone")
     if labels_out is not None:
         header = f"{len(indices)} labelled images of {Path(data_root) / 'train'}, {how}; relative to train/"
@@ -371,9 +425,11 @@ def finetune_semisup(
                                pin_memory=pin, drop_last=len(indices) > batch_size)
     val = image_folder(data_root, "val", eval_transform(image_size))
     val_loader = make_loader(val, batch_size, shuffle=False, workers=workers, seed=seed, pin_memory=pin)
+    centre = Subset(image_folder(data_root, "train", eval_transform(image_size)), indices)
+    probe_loader = make_loader(centre, batch_size, shuffle=False, workers=workers, seed=seed, pin_memory=pin)
     result = fine_tune(
         encoder, info["dim"], len(classes), train_loader, val_loader, epochs=epochs, lr_backbone=lr_backbone,
         lr_classifier=lr_classifier, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        device=device, seed=seed,
+        device=device, seed=seed, head_init=head_init, bn=bn, probe_loader=probe_loader,
     )
     return {**result, "batch_size": batch_size, "image_size": image_size, "labelled": labelled, "info": dict(info)}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,7 +18,9 @@ from distill.evaluation import (
     default_milestones,
     eval_transform,
     extract_features,
+    holdout_split,
     knn_classify,
+    linear_probe,
     topk_accuracy,
     train_linear_probe,
     train_transform,
@@ -147,6 +150,64 @@ def test_linear_probe_learns_and_leaves_the_encoder_frozen(precompute):
     assert again["top1"] == result["top1"] and again["final_train_loss"] == result["final_train_loss"]
 
 
+# ------------------------------------------------------------------ standardised linear probe (the default)
+
+
+def _clusters(n_train=280, n_val=70, dim=64, classes=7, spread=2.5, seed=0):
+    """Gaussian clusters that overlap (spread > 1): a probe scores well above chance, but not 100%."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    y, yv = torch.arange(n_train) % classes, torch.arange(n_val) % classes
+    x = centres[y] + spread * torch.randn(n_train, dim, generator=g)
+    xv = centres[yv] + spread * torch.randn(n_val, dim, generator=g)
+    return x, y, xv, yv
+
+
+def test_probe_accuracy_does_not_depend_on_feature_scale():
+    """The same features x 1e-5 (EfficientNet-B0's random features are ~5e-6) and x 1e3 score the same.
+
+    Standardisation maps both to the same numbers up to float rounding, so the
+    accuracies may differ by at most one val image (1/70 = 1.43 points here).
+    """
+    x, y, xv, yv = _clusters()
+    small = linear_probe(x * 1e-5, y, xv * 1e-5, yv, 7)
+    large = linear_probe(x * 1e3, y, xv * 1e3, yv, 7)
+    one_image = 100.0 / len(yv)
+    assert 100.0 / 7 + 15 < large["top1"] < 100.0, large["top1"]  # learns, and the task is not trivial
+    assert abs(small["top1"] - large["top1"]) <= one_image + 1e-9, (small["top1"], large["top1"])
+    assert small["weight_decay"] == large["weight_decay"]
+
+
+def test_probe_reaches_100_percent_on_linearly_separable_features():
+    """Each class is +1 on its own coordinate and 0 elsewhere, plus small noise: a linear classifier separates them."""
+    g = torch.Generator().manual_seed(1)
+    y, yv = torch.arange(210) % 7, torch.arange(70) % 7
+    x = F.one_hot(y, 7).float() * 3 + 0.1 * torch.randn(210, 7, generator=g)
+    xv = F.one_hot(yv, 7).float() * 3 + 0.1 * torch.randn(70, 7, generator=g)
+    x, xv = torch.cat([x, torch.randn(210, 25, generator=g)], 1), torch.cat([xv, torch.randn(70, 25, generator=g)], 1)
+    result = linear_probe(x, y, xv, yv, 7)
+    assert result["top1"] == 100.0 and result["val_correct"] == [1] * 70
+
+
+def test_poisoned_val_labels_do_not_change_the_chosen_hyper_parameters():
+    """Selection reads the training split only: shuffling val labels leaves the choice and its sweep as they were."""
+    x, y, xv, yv = _clusters(seed=2)
+    clean = linear_probe(x, y, xv, yv, 7)
+    poisoned = linear_probe(x, y, xv, yv[torch.randperm(len(yv), generator=torch.Generator().manual_seed(0))], 7)
+    assert poisoned["weight_decay"] == clean["weight_decay"]
+    assert poisoned["selection"] == clean["selection"]
+    assert poisoned["top1"] < clean["top1"] - 20  # the poison did reach val: the accuracy fell to about chance
+    assert len(clean["selection"]["sweep"]) > 1 and clean["selection"]["num_holdout"] == 56  # 20% of 280
+
+
+def test_holdout_split_is_stratified_and_keeps_every_class_in_the_fit_part():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2])
+    fit, held = holdout_split(labels, fraction=0.2, seed=0)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(16))
+    assert labels[held].tolist() == [0, 0, 1]  # 20% of 10, 20% of 5, none of a one-image class
+    assert set(labels[fit].tolist()) == {0, 1, 2}
+
+
 def test_extract_features_returns_trainable_cpu_tensors():
     encoder = _fixed_encoder()
     _, val = _separable_loaders()
@@ -219,14 +280,25 @@ def _check_payload(path, described):
 
 
 def test_linear_eval_cli_end_to_end(shapes_root, teacher_checkpoint, tmp_path, capsys):
+    """The default (standardised) protocol, then MoCo's; MoCo's options without --protocol moco are refused."""
+    common = [teacher_checkpoint, "--data", shapes_root / "classification", "--batch-size", 32, "--image-size", 16,
+              "--workers", 0, "--device", "cpu"]
     out = tmp_path / "linear.json"
-    argv = [teacher_checkpoint, "--data", shapes_root / "classification", "--epochs", 2, "--lr", 1, "--batch-size", 32,
-            "--image-size", 16, "--workers", 0, "--device", "cpu", "--out", out]
-    code, stdout, err = _run("linear_eval", argv, capsys)
+    code, stdout, err = _run("linear_eval", common + ["--out", out], capsys)
     assert code == 0, err
-    assert "features: teacher backbone (512-d)" in stdout and "top-1" in stdout
+    assert "features: teacher backbone (512-d)" in stdout and "held-out training images" in stdout
+    payload = _check_payload(out, "teacher backbone (512-d)")
+    assert payload["probe"]["weight_decay"] in [r["weight_decay"] for r in payload["probe"]["selection"]["sweep"]]
+
+    out = tmp_path / "moco.json"
+    code, stdout, err = _run("linear_eval", common + ["--protocol", "moco", "--epochs", 2, "--lr", 1, "--out", out], capsys)
+    assert code == 0, err
+    assert "MoCo protocol: 2 epochs, lr 1" in stdout
     payload = _check_payload(out, "teacher backbone (512-d)")
     assert payload["probe"]["epochs"] == 2 and payload["args"]["precompute"] is False
+
+    code, stdout, err = _run("linear_eval", common + ["--lr", 1], capsys)
+    assert code == 2 and "--lr belong to --protocol moco" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.evaluation import DataError
+from distill.evaluation import DataError, extract_features, linear_probe
 from distill.semisup import default_learning_rates, draw_labelled, fine_tune, read_label_list, write_label_list
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +149,64 @@ def test_fine_tuning_trains_the_backbone_at_its_own_learning_rate():
 def test_fine_tuning_stops_on_divergence():
     with pytest.raises(FloatingPointError, match="lower the learning rates"):
         _fine_tune(_encoder(), lr_backbone=1e30)
+
+
+class _Scaled(nn.Module):
+    """An encoder whose features are ``factor`` times another's (EfficientNet-B0's random features are ~5e-6)."""
+
+    def __init__(self, encoder, factor):
+        super().__init__()
+        self.encoder, self.factor = encoder, factor
+
+    def forward(self, x):
+        return self.encoder(x) * self.factor
+
+
+def test_probe_initialised_head_starts_at_the_linear_probe():
+    """With both learning rates 0 and BatchNorm frozen nothing moves: the result is the probe's.
+
+    Both paths compute the same features and the same head, so at most one of
+    the 24 val images may differ (float rounding at a decision boundary).
+    """
+    train, val = _separable()
+    result = fine_tune(_encoder(), 16, 3, train, val, epochs=1, lr_backbone=0.0, lr_classifier=0.0,
+                       head_init="probe", bn="frozen", seed=3)
+    feats = {name: extract_features(_encoder(), loader) for name, loader in (("train", train), ("val", val))}
+    probe = linear_probe(*feats["train"], *feats["val"], num_classes=3, seed=3)
+    assert abs(result["top1"] - probe["top1"]) <= 100.0 / 24 + 1e-9
+    assert result["head_probe"]["weight_decay"] == probe["weight_decay"]
+
+
+@pytest.mark.exact
+def test_frozen_batchnorm_keeps_its_running_statistics_while_the_weights_train():
+    """Exact on any CPU: frozen BatchNorm layers are never written to; the trained Linear layer is compared for change only."""
+    encoder = _encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    train, val = _separable()
+    fine_tune(encoder, 16, 3, train, val, epochs=2, lr_backbone=0.1, lr_classifier=0.1, head_init="probe", bn="frozen")
+    after = encoder.state_dict()
+    assert torch.equal(after["2.running_mean"], before["2.running_mean"])
+    assert torch.equal(after["2.running_var"], before["2.running_var"])
+    assert not torch.equal(after["1.weight"], before["1.weight"]), "the backbone did not train"
+
+
+def test_probe_initialised_fine_tuning_learns_on_tiny_features():
+    """Features x 1e-5: a random head at SwAV's classifier lr barely moves, the probe-initialised one still learns.
+
+    Chance is 33.3%; the separable clusters give the probe well above 80%.
+    """
+    train, val = _separable()
+    tiny = fine_tune(_Scaled(_encoder(), 1e-5), 16, 3, train, val, epochs=4, lr_backbone=0.01, lr_classifier=0.2,
+                     head_init="probe", bn="frozen", seed=3)
+    assert tiny["top1"] > 80.0, tiny["top1"]
+
+
+def test_unknown_head_init_or_bn_mode_is_refused():
+    train, val = _separable()
+    with pytest.raises(ValueError, match="unknown head initialisation 'zeros'"):
+        fine_tune(_encoder(), 16, 3, train, val, epochs=1, head_init="zeros")
+    with pytest.raises(ValueError, match="unknown BatchNorm mode 'sync'"):
+        fine_tune(_encoder(), 16, 3, train, val, epochs=1, bn="sync")
 
 
 # ------------------------------------------------------------------ the command line, on a real student

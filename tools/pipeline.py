@@ -8,6 +8,11 @@
 Stages whose output is up to date are skipped; `--force STAGE` (or `--force all`)
 redoes a stage and everything after it. The report is DIR/report.md, with
 DIR/summary.json and PNG figures beside it.
+
+`--seed N` re-seeds everything (data, initialisations, augmentation, fine-tuning);
+`--set KEY=VALUE` (repeatable) changes any preset field, e.g. `--set distill_steps=60`.
+A folder made with other settings is refused (DIR/settings.json records them);
+`--force all` redoes every stage there instead.
 """
 
 import sys
@@ -26,25 +31,38 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="size of the run (default %(default)s)")
     parser.add_argument("--out", required=True, help="output folder (stages are resumed from it)")
     parser.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="redo these stages ('all' for every one)")
+    parser.add_argument("--seed", type=int, help="seed of data, initialisation, augmentation and fine-tuning (default: the preset's, 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="change a preset field (repeatable), e.g. --set distill_steps=60")
     args = parser.parse_args(argv)
 
     from distill.config import ConfigError
     from retro_transfer.checkpoints import CheckpointError
     from retro_transfer.pipeline.build import build_stages, finish
     from retro_transfer.pipeline.runner import Context, run_pipeline
+    from retro_transfer.pipeline.settings import SettingsError, claim_folder, describe, resolve_settings
 
-    preset = PRESETS[args.preset]
+    try:
+        preset = resolve_settings(PRESETS[args.preset], args.seed, args.sets)
+    except SettingsError as err:
+        fail(str(err))
     stages = build_stages(preset)
     unknown = [s for s in args.force if s != "all" and s not in {stage.name for stage in stages}]
     if unknown:
         fail(f"unknown stage(s) {', '.join(unknown)} for --force; stages: {', '.join(s.name for s in stages)}")
     ctx = Context(Path(args.out).absolute(), preset)
+    try:
+        claim_folder(ctx.out, args.preset, preset, force_all="all" in args.force)
+    except SettingsError as err:
+        fail(str(err))
+    settings_line = describe(args.preset, preset, PRESETS[args.preset])
+    print(f"settings: {settings_line}")
     start = time.perf_counter()
     try:
         records = run_pipeline(stages, ctx, force=args.force)
     except (ConfigError, CheckpointError) as err:
         fail(str(err))
-    report = finish(ctx, args.preset, records)
+    report = finish(ctx, args.preset, records, settings_line)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")
     return 0
 

@@ -3,7 +3,7 @@
 
     python tools/semisup_eval.py CHECKPOINT --data DIR --out results.json
         [--label-fraction 0.1 | --label-list FILE] [--epochs 20] [--lr-backbone LR] [--lr-classifier LR]
-        [--schedule step|cosine] [--batch-size 256] [--image-size 224] [--workers 4] [--seed 0] [--device cpu|cuda]
+        [--schedule step|cosine] [--head-init random|probe] [--bn train|frozen] [--batch-size 256] [--image-size 224] [--workers 4] [--seed 0] [--device cpu|cuda]
 
 DIR holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (the ImageNet
 layout). The whole network (backbone and a new Linear classifier) is
@@ -13,6 +13,10 @@ splits: SGD momentum 0.9, weight decay 0, batch 256, 20 epochs, lr x 0.2 at
 60 %/80 % of the epochs; learning rates backbone 0.01 / classifier 0.2, or
 0.02 / 5 for a --label-fraction under 0.03 (the 1 % setting; for a
 --label-list, the share of train/ it names decides).
+For small data and any backbone (what the pipeline runs): ``--head-init probe``
+starts the classifier from the standardised linear probe fitted on the labelled
+images, and ``--bn frozen`` keeps BatchNorm's running statistics, which small
+batches would estimate badly.
 
 The subset is drawn per class (round(fraction x images), at least one) from
 --seed, or read from --label-list (paths relative to train/, or bare file
@@ -64,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="default %(default)s")
     parser.add_argument("--schedule", choices=("step", "cosine"), default="step",
                         help="step: lr x 0.2 at 60%% and 80%% of the epochs (default, SwAV); cosine: decay to 0")
+    parser.add_argument("--head-init", choices=("random", "probe"), default="random",
+                        help="random: a new N(0, 0.01) Linear (default, SwAV); probe: start from the standardised "
+                             "linear probe fitted on the labelled images (any backbone, small data)")
+    parser.add_argument("--bn", choices=("train", "frozen"), default="train",
+                        help="BatchNorm while training: batch statistics (default, SwAV) or frozen running statistics "
+                             "(small batches)")
     parser.add_argument("--seed", type=int, default=0,
                         help="draws the labelled subset and seeds training (default %(default)s)")
     parser.add_argument("--out", required=True,
@@ -91,7 +101,7 @@ def _report(ev, args, result, classes, seconds) -> dict:
         f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
         f"({result['num_val']} val images, {len(classes)} classes; "
         f"{result['epochs']} epochs, lr {result['lr_backbone']:g} backbone / {result['lr_classifier']:g} classifier, "
-        f"{result['schedule']} schedule; {seconds:.1f} s)"
+        f"{result['schedule']} schedule, head {result['head_init']}, BatchNorm {result['bn']}; {seconds:.1f} s)"
     )
     recipe = {k: v for k, v in result.items() if k not in ("top1", "top5", "info", "labelled")}
     return {
@@ -131,7 +141,7 @@ def main(argv=None) -> int:
             labels_out=labels_path(args.out), epochs=args.epochs, lr_backbone=args.lr_backbone,
             lr_classifier=args.lr_classifier, momentum=args.momentum, weight_decay=args.weight_decay,
             schedule=args.schedule, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
-            device=args.device, seed=args.seed, say=print,
+            device=args.device, seed=args.seed, head_init=args.head_init, bn=args.bn, say=print,
         )
     except CheckpointError as err:
         fail_on_checkpoint(args.checkpoint, str(err))

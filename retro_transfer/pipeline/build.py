@@ -13,8 +13,8 @@ def build_stages(preset: Mapping) -> List[Stage]:
     return upstream_stages(preset) + downstream_stages(preset)
 
 
-def finish(ctx: Context, preset_name: str, records: Dict[str, Dict]) -> Path:
+def finish(ctx: Context, preset_name: str, records: Dict[str, Dict], settings_line: str = "") -> Path:
     detection, segmentation = detection_evidence(ctx.out, records), segmentation_evidence(ctx.out, records)
     verdict = verdict_lines(records, frozen_feature_evidence(ctx.out, records), detection, segmentation)
     sections = downstream_sections(ctx.out, records, detection, segmentation)
-    return write_report(ctx.out, preset_name, ctx.preset, records, sections, verdict)
+    return write_report(ctx.out, preset_name, ctx.preset, records, sections, verdict, settings_line)

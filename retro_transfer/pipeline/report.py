@@ -81,11 +81,47 @@ def frozen_feature_evidence(out: Path, records: Mapping[str, Dict]) -> Dict[str,
         if baseline is not None and model not in (BASELINE, RANDOM):
             entry["vs_baseline"] = stats.paired_difference(linear, stats.accuracy(baseline["linear"]), n)
         evidence[(model, which)] = entry
-    teacher, arch = per_image.get(("teacher", "backbone")), records.get("teacher", {}).get("metrics", {}).get("arch")
-    if teacher is not None and (RANDOM, arch) in per_image:
-        evidence[("teacher", "backbone")]["vs_random"] = stats.paired_difference(
-            stats.accuracy(teacher["linear"]), stats.accuracy(per_image[(RANDOM, arch)]["linear"]), n)
+    add_floor_comparisons(evidence, per_image, records, n)
+    add_semisup_intervals(evidence, out, records)
     return evidence
+
+
+def add_semisup_intervals(evidence: Dict, out: Path, records: Mapping[str, Dict]) -> None:
+    """The 10%-label fine-tune's top-1 with its bootstrap interval, on each model's backbone row."""
+    for (model, which), entry in evidence.items():
+        path = out / f"semisup_{model}" / PER_IMAGE
+        if which == "backbone" and f"semisup_{model}" in records and path.exists():
+            flags = read_json(path)["backbone"]["semisup"]
+            entry["semisup"] = stats.bootstrap(stats.accuracy(flags), len(flags))
+
+
+def architecture_of(model: str, records: Mapping[str, Dict]):
+    """The network a model's features come from: the teacher's arch, or a student's (from its distillation record)."""
+    stage = "teacher" if model == "teacher" else f"distill_{model}"
+    metrics = records.get(stage, {}).get("metrics", {})
+    return metrics.get("arch") if model == "teacher" else metrics.get("student")
+
+
+def add_floor_comparisons(evidence: Dict, per_image: Mapping, records: Mapping[str, Dict], n: int) -> None:
+    """Each model against the same architecture randomly initialised: paired bootstraps of linear and k-NN top-1.
+
+    ``vs_random`` (linear) and ``vs_random_knn``; the Retro adapter row is
+    compared with its student's random backbone (the adapter has no floor of its own).
+    """
+    for (model, which), entry in evidence.items():
+        floor = per_image.get((RANDOM, architecture_of(model, records))) if model != RANDOM else None
+        if floor is None:
+            continue
+        flags = per_image[(model, which)]
+        entry["vs_random"] = stats.paired_difference(stats.accuracy(flags["linear"]), stats.accuracy(floor["linear"]), n)
+        entry["vs_random_knn"] = stats.paired_difference(stats.accuracy(flags["knn"]), stats.accuracy(floor["knn"]), n)
+
+
+def floor_text(entry) -> str:
+    """Linear and k-NN differences from the architecture's random floor, each with its interval and verdict."""
+    if not entry or entry.get("vs_random") is None:
+        return "-"
+    return f"linear {difference_text(entry['vs_random'])}; k-NN {difference_text(entry['vs_random_knn'])}"
 
 
 def difference_text(estimate) -> str:
@@ -110,9 +146,31 @@ def evaluation_rows(records: Mapping[str, Dict], evidence: Mapping = None) -> Li
             linear = str(e["linear"]) if e else m["linear_top1"]
             knn = str(e["knn"]) if e else m["knn_top1"]
             semisup = records.get(f"semisup_{model}") if which == "backbone" and model != RANDOM else None
-            rows.append([label, linear, m["linear_top5"], knn, semisup["metrics"]["top1"] if semisup else "-",
-                         difference_text(e["vs_baseline"]) if e else "-"])
+            semisup = semisup_cell(semisup, e)
+            rows.append([label, linear, m["linear_top5"], knn, semisup,
+                         difference_text(e["vs_baseline"]) if e else "-", floor_text(e)])
     return rows
+
+
+def semisup_cell(record, entry) -> str:
+    """The fine-tune's top-1 (with interval) and, in brackets, where it started: the probe on the labelled images."""
+    if record is None:
+        return "-"
+    value = str(entry["semisup"]) if entry and "semisup" in entry else _fmt(record["metrics"]["top1"])
+    start = (record["metrics"].get("head_probe") or {}).get("start_top1")
+    return value + (f" (start {start:.1f})" if start is not None else "")
+
+
+def semisup_recipe_text(preset: Mapping) -> str:
+    """The 10%-label column's recipe in words (the stage's settings: upstream.SEMISUP_RECIPE)."""
+    from .upstream import SEMISUP_RECIPE as r
+
+    return (f"10%-label column: the whole network fine-tuned on 10% of the training labels per class "
+            f"({preset.get('semisup_epochs', '-')} epochs, batch {r['batch_size']}, SGD momentum 0.9, learning rate "
+            f"{r['lr_backbone']:g} for the backbone and {r['lr_classifier']:g} for the head, {r['schedule']} decay; the head "
+            f"starts from the standardised linear probe fitted on the labelled images; BatchNorm frozen at its running "
+            f"statistics; tools/semisup_eval.py, command in the stage table). \"start\": the top-1 of that probe before "
+            f"fine-tuning; it saw a tenth of the labels the linear-probe column saw.")
 
 
 def accuracy_figure(out: Path, rows: Sequence[Mapping]) -> Path:
@@ -148,12 +206,14 @@ def accuracy_figure(out: Path, rows: Sequence[Mapping]) -> Path:
 
 def write_report(
     out: Path, preset_name: str, preset: Mapping, records: Mapping[str, Dict], sections: Sequence[str] = (),
-    verdict: Sequence[str] = (),
+    verdict: Sequence[str] = (), settings_line: str = "",
 ) -> Path:
     """``report.md`` and ``summary.json`` in ``out``; ``sections`` are extra markdown blocks (downstream stages),
-    ``verdict`` the lines of the summary in words that opens the report."""
+    ``verdict`` the lines of the summary in words that opens the report, ``settings_line`` the run's
+    settings in words (preset, seed, changed fields: :func:`.settings.describe`)."""
     lines = [f"# retro-transfer pipeline report (preset `{preset_name}`)", ""]
-    lines.append(f"Seed {preset['seed']}. Every number below comes from the stage records in this folder; "
+    settings_line = settings_line or f"preset `{preset_name}`, seed {preset['seed']}"
+    lines.append(f"Settings: {settings_line}. Every number below comes from the stage records in this folder; "
                  "`DATA` stands for `data/shapes` in this folder. Re-running the pipeline skips stages whose output is up to date.")
     lines += ["", "## Stages", ""]
     lines += markdown_table(["stage", "seconds", "command"], [[name, r["seconds"], f"`{r['command']}`"] for name, r in records.items()])
@@ -177,15 +237,18 @@ def write_report(
     if rows:
         num_val = next(iter(records["eval_teacher"]["metrics"].values())).get("num_val") if "eval_teacher" in records else None
         lines += ["", "## Frozen-feature evaluation", "",
-                  f"Linear probe on features computed once (centre crop, {preset['probe_epochs']} epochs, lr {preset['probe_lr']}) "
+                  "Linear probe: logistic regression (L-BFGS) on centre-crop features standardised with the training split's statistics, "
+                  "its L2 strength chosen on a held-out fifth of the training split (never val), "
                   f"and cosine k-NN (k = {preset['knn_k']}, T = 0.07) on the shapes classification split"
                   + (f" ({num_val} validation images: one image is {100 / num_val:.2f} points)" if num_val else "")
-                  + f". Brackets: 95% bootstrap intervals over validation images; the last column is the paired "
-                  f"bootstrap of the linear top-1 difference from the {BASELINE} (MoCo v2 alone) student. "
-                  f"10%-label column: the whole student fine-tuned on 10% of the training labels per class "
-                  f"({preset.get('semisup_epochs', '-')} epochs; tools/semisup_eval.py).", ""]
+                  + f". Brackets: 95% bootstrap intervals over validation images; \"linear vs {BASELINE}\" is the paired "
+                  f"bootstrap of the linear top-1 difference from the {BASELINE} (MoCo v2 alone) student, and "
+                  "\"vs its own random init\" those of the linear and k-NN top-1 differences from the same architecture "
+                  "randomly initialised (the rows that open the table; the Retro adapter is compared with its student's). "
+                  + semisup_recipe_text(preset), ""]
         lines += markdown_table(
-            ["model (features)", "linear top-1", "linear top-5", "k-NN top-1", "10%-label fine-tune top-1", f"linear vs {BASELINE}"], rows
+            ["model (features)", "linear top-1", "linear top-5", "k-NN top-1", "10%-label fine-tune top-1", f"linear vs {BASELINE}",
+             "vs its own random init"], rows
         )
         if evidence:
             bars = [{"label": f"{m} ({w})", **e} for (m, w), e in evidence.items()]
@@ -195,7 +258,7 @@ def write_report(
     for section in sections:
         lines += ["", section]
     if verdict:
-        lines[2:2] = ["", "## Verdict", "", *verdict, ""]
+        lines[3:3] = ["", "## Verdict", "", *verdict]  # after the title and the settings line
 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
