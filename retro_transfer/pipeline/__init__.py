@@ -1,17 +1,25 @@
 """The end-to-end pipeline: shapes data -> teacher -> four distilled students -> evaluation -> transfer -> report.
 
-``tools/pipeline.py --preset {smoke,quick,default} --out DIR`` runs it; each stage
+``tools/pipeline.py --preset {smoke,quick,default,full} --out DIR`` runs it; each stage
 is skipped when its output is up to date (see :mod:`.runner`).
 """
 
-# Three presets, differing in size only. smoke: what the tests run (minutes on a
-# 2-core CPU). quick: a first look (target: 8 minutes there). default: what
-# `make demo` runs (target: 30 minutes there). num_images sets every split: the
+# Four presets. smoke: what the tests run (minutes on a 2-core CPU). quick: a
+# first look (target: 8 minutes there). default: what `make demo` runs (target:
+# 30 minutes there). full: default and the comparisons that do not fit in it. num_images sets every split: the
 # classification validation split has num_images / 4 images (200 in default,
 # so that one image moves an accuracy by 0.5 points). workers=0: on two cores a
 # loader process competes with the two compute threads and slows the step.
-# teacher_*: the teacher's MoCo v2 run on seven classes needs a lower learning
-# rate, a higher temperature and a short queue (see upstream._teacher_overrides).
+# teacher_recipe: supcon (the default: a label-trained stand-in for a large
+# self-supervised teacher, supcon_* its settings) or moco_v2 (self-supervised,
+# teacher_* its settings: seven classes need a lower learning rate, a higher
+# temperature and a short queue; see upstream._teacher_overrides); tools/pipeline.py
+# --teacher PATH sets teacher_path and uses the user's file instead.
+# transfer_from: the students fine-tuned for detection and segmentation (beside
+# random initialisation). default and quick transfer Retro only and skip Mask
+# R-CNN (mrcnn_iters=0) so that the fine-tunes can run long enough for an
+# initialisation to show; full adds the MoCo-v2-alone student and Mask R-CNN.
+TEACHER_DEFAULTS = dict(teacher_recipe="supcon", teacher_path="", supcon_lr=0.5, supcon_temperature=0.1)
 PRESETS = {
     "smoke": dict(
         seed=0, num_images=48, image_side=64, crop=48, workers=0,
@@ -19,19 +27,24 @@ PRESETS = {
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=32,
         knn_k=20, knn_points=3, semisup_epochs=2,
         det_iters=6, det_batch=4, det_lr=0.01, seg_iters=6, seg_batch=4,
+        supcon_steps=6, transfer_from="retro,moco_v2", **TEACHER_DEFAULTS,
     ),
     "quick": dict(
         seed=0, num_images=400, image_side=64, crop=48, workers=0,
         teacher_arch="resnet18", teacher_steps=120, distill_steps=30, batch_size=64, queue_size=256, ema_momentum=0.99,
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=64,
         knn_k=20, knn_points=5, semisup_epochs=10,
-        det_iters=40, det_batch=4, det_lr=0.01, seg_iters=40, seg_batch=4, mrcnn_iters=40,
+        det_iters=60, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4, mrcnn_iters=0,
+        supcon_steps=120, transfer_from="retro", **TEACHER_DEFAULTS,
     ),
     "default": dict(
         seed=0, num_images=800, image_side=96, crop=48, workers=0,
         teacher_arch="resnet18", teacher_steps=400, distill_steps=80, batch_size=64, queue_size=512, ema_momentum=0.99,
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=64,
         knn_k=20, knn_points=10, semisup_epochs=20,
-        det_iters=100, det_batch=4, det_lr=0.01, seg_iters=80, seg_batch=4, mrcnn_iters=60,
+        det_iters=150, det_batch=4, det_lr=0.01, seg_iters=160, seg_batch=4, mrcnn_iters=0,
+        supcon_steps=240, transfer_from="retro", **TEACHER_DEFAULTS,
     ),
 }
+# Everything default runs, and the comparisons that do not fit its 30 minutes.
+PRESETS["full"] = dict(PRESETS["default"], transfer_from="retro,moco_v2", mrcnn_iters=60)
