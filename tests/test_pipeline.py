@@ -69,6 +69,9 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     """Every accuracy, AP50 and mIoU comes with a bootstrap interval; each comparison says if it is significant."""
     out, _ = smoke_run
     report = (out / "report.md").read_text()
+    # The first line under the title says how the teacher was made: with labels, which the students never see.
+    first = report.splitlines()[2]
+    assert "trained **with labels**" in first and "never see a label" in first, first
     verdict = report.split("## Verdict", 1)[1].split("## Stages", 1)[0]
     for claim in ("**Teacher**", "**Students**", "**Detection**", "**Segmentation**"):
         assert claim in verdict
