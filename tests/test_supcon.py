@@ -84,7 +84,7 @@ def _views(batch=4, size=32, seed=0):
 
 
 def test_supcon_step_equals_its_formula_and_queues_the_labels():
-    """The loss of a step is supcon_loss over [this batch's keys; the queue], positives by label.
+    """The loss of a step is supcon_loss over [this batch's keys; the queue's filled slots], positives by label.
 
     Bound: the reference recomputes the same networks on the same inputs in another
     module copy (same operations, same shapes), so only the rtol 1e-5 of float32 noise is allowed.
@@ -94,16 +94,27 @@ def test_supcon_step_equals_its_formula_and_queues_the_labels():
     x1, x2 = _views()
     labels = torch.tensor([0, 1, 0, 2])
     reference = copy.deepcopy(method)
-    queue = method.queue.negatives().clone()
     out = method(x1, x2, labels)
     with torch.no_grad():
         q = F.normalize(reference.head(reference.student(x1).mean(dim=(2, 3))), dim=1)
         k = method.queue.negatives()[:4].clone()  # what the step enqueued: its keys
-    positives = same_label(labels, torch.cat([labels, torch.full((8,), -1)]))
+    # The queue held only its random start vectors, which are no image's keys: the batch's keys are the candidates.
+    positives = same_label(labels, labels)
     assert positives.sum(dim=1).tolist() == [2, 1, 2, 1]  # its own key, and the other 0 for the two 0s
-    torch.testing.assert_close(out["loss"].detach(), supcon_loss(q, torch.cat([k, queue]), positives, 0.2), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"].detach(), supcon_loss(q, k, positives, 0.2), rtol=1e-5, atol=1e-6)
     assert method.queue_labels.tolist() == [0, 1, 0, 2, -1, -1, -1, -1]
-    method(*_views(seed=1), torch.tensor([3, 3, 1, 0]))
+
+    x1, x2 = _views(seed=1)
+    labels2 = torch.tensor([3, 3, 1, 0])
+    reference = copy.deepcopy(method)
+    out = method(x1, x2, labels2)
+    with torch.no_grad():
+        q = F.normalize(reference.head(reference.student(x1).mean(dim=(2, 3))), dim=1)
+        k2 = method.queue.negatives()[4:].clone()
+    # Now the first step's four labelled keys are candidates too; the unfilled slots still are not.
+    positives = same_label(labels2, torch.cat([labels2, labels]))
+    assert positives.sum(dim=1).tolist() == [2, 2, 2, 3]
+    torch.testing.assert_close(out["loss"].detach(), supcon_loss(q, torch.cat([k2, k]), positives, 0.2), rtol=1e-5, atol=1e-6)
     assert method.queue_labels.tolist() == [0, 1, 0, 2, 3, 3, 1, 0]  # FIFO, beside its keys
 
 

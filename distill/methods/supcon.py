@@ -20,7 +20,7 @@ class SupCon(MoCoV2):
         L = SupCon(q; [k_batch; queue], positives = every key of q's class)
 
     The queue keeps each key's label beside it (``queue_labels``; -1 for the
-    random vectors it starts with, which are never positives). The network
+    random vectors it starts with, which are not candidates at all). The network
     and head are MoCo v2's, so the result exports to the MoCo v2 layout and
     Retro reuses its head exactly as it reuses a MoCo head. This method sees
     labels: it trains teachers (tools/pretrain_teacher.py), never students.
@@ -40,8 +40,11 @@ class SupCon(MoCoV2):
             ema_update(self.head_ema, self.head, self.momentum)
             k = self.keys(lambda x: unit(self.head_ema(pooled(self.student_ema(x)))), x2)
         labels = labels.to(q.device)
-        keys = torch.cat([k, self.queue.negatives()])
-        positives = same_label(labels, torch.cat([labels, self.queue_labels]))
+        # Slots never filled hold the queue's random start vectors, keys of no image: leaving them out of
+        # the candidates keeps them from pulling every embedding toward one side of the sphere early on.
+        filled = self.queue_labels >= 0
+        keys = torch.cat([k, self.queue.negatives()[filled]])
+        positives = same_label(labels, torch.cat([labels, self.queue_labels[filled]]))
         loss = supcon_loss(q, keys, positives, self.temperature)
         self.queue.enqueue(k)
         self._enqueue_labels(labels)
