@@ -84,9 +84,10 @@ def test_teacher_and_teacher_recipe_exclude_each_other(teacher_ckpt, tmp_path):
 
 
 def test_each_recipe_trains_its_own_teacher_and_says_how():
-    supcon = {s.name: s for s in build_stages(PRESETS["default"])}["teacher"]
+    supcon_settings = {**PRESETS["default"], "teacher_recipe": "supcon"}
+    supcon = {s.name: s for s in build_stages(supcon_settings)}["teacher"]
     moco = {s.name: s for s in build_stages({**PRESETS["default"], "teacher_recipe": "moco_v2"})}["teacher"]
-    ctx = Context(Path("/out"), PRESETS["default"])
+    ctx = Context(Path("/out"), supcon_settings)
     assert "shapes_supcon_r18.yaml" in supcon.command(ctx, Path("/out/teacher"))
     assert "classification/train" in supcon.command(ctx, Path("/out/teacher"))
     moco_ctx = Context(Path("/out"), {**PRESETS["default"], "teacher_recipe": "moco_v2"})

@@ -10,16 +10,19 @@ is skipped when its output is up to date (see :mod:`.runner`).
 # classification validation split has num_images / 4 images (200 in default,
 # so that one image moves an accuracy by 0.5 points). workers=0: on two cores a
 # loader process competes with the two compute threads and slows the step.
-# teacher_recipe: supcon (the default: a label-trained stand-in for a large
-# self-supervised teacher, supcon_* its settings) or moco_v2 (self-supervised,
-# teacher_* its settings: seven classes need a lower learning rate, a higher
-# temperature and a short queue; see upstream._teacher_overrides); tools/pipeline.py
-# --teacher PATH sets teacher_path and uses the user's file instead.
+# teacher_recipe: moco_v2 (self-supervised, teacher_* its settings: seven classes
+# need a lower learning rate, a higher temperature and a short queue; see
+# upstream._teacher_overrides) or supcon (a label-trained stand-in for a large
+# self-supervised teacher, supcon_* its settings). supcon is meant to become the
+# default, but on the shapes data its projection head has not yet left the
+# collapsed start within the budget (BENCHMARKS.md, issue 21), so the default,
+# quick and full presets keep moco_v2 and smoke runs supcon, so that the tests
+# exercise it. tools/pipeline.py --teacher PATH uses the user's file instead.
 # transfer_from: the students fine-tuned for detection and segmentation (beside
 # random initialisation). default and quick transfer Retro only and skip Mask
 # R-CNN (mrcnn_iters=0) so that the fine-tunes can run long enough for an
 # initialisation to show; full adds the MoCo-v2-alone student and Mask R-CNN.
-TEACHER_DEFAULTS = dict(teacher_recipe="supcon", teacher_path="", supcon_lr=0.5, supcon_temperature=0.1)
+TEACHER_DEFAULTS = dict(teacher_recipe="moco_v2", teacher_path="", supcon_lr=0.24, supcon_temperature=0.2)
 PRESETS = {
     "smoke": dict(
         seed=0, num_images=48, image_side=64, crop=48, workers=0,
@@ -27,7 +30,7 @@ PRESETS = {
         teacher_lr=0.06, teacher_temperature=0.5, teacher_queue=32,
         knn_k=20, knn_points=3, semisup_epochs=2,
         det_iters=6, det_batch=4, det_lr=0.01, seg_iters=6, seg_batch=4,
-        supcon_steps=6, transfer_from="retro,moco_v2", **TEACHER_DEFAULTS,
+        supcon_steps=6, transfer_from="retro,moco_v2", **{**TEACHER_DEFAULTS, "teacher_recipe": "supcon"},
     ),
     "quick": dict(
         seed=0, num_images=400, image_side=64, crop=48, workers=0,
