@@ -77,6 +77,9 @@ HEAD_INITS = ("random", "probe")
 #: BatchNorm while fine-tuning: "train" (SwAV: batch statistics) or "frozen" (running statistics kept,
 #: affine weights still train), for batches too small for good statistics.
 BN_MODES = ("train", "frozen")
+#: "sgd" (SwAV, with ``momentum``) or "adamw": Adam's steps do not grow with the gradient's size, which
+#: a probe head's standardisation multiplies by one over the features' spread (10^5 for EfficientNet-B0).
+OPTIMIZERS = ("sgd", "adamw")
 
 LIST_HINT = (
     "a label list has one training image per line, as a path relative to train/ (<class>/<file>) or a bare file "
@@ -217,6 +220,12 @@ def _set_train_mode(model: nn.Module, bn: str) -> None:
                 module.eval()
 
 
+def _optimizer(name: str, groups, momentum: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+
+
 def _make_head(encoder: nn.Module, feature_dim: int, num_classes: int, head_init: str, probe_loader, device, seed: int):
     """The classifier: MoCo's random Linear, or the standardised probe fitted on the labelled images' features."""
     if head_init == "random":
@@ -282,6 +291,7 @@ def fine_tune(
     head_init: str = "random",
     bn: str = "train",
     probe_loader: Optional[DataLoader] = None,
+    optimizer_name: str = "sgd",
 ) -> Dict[str, object]:
     """Train ``encoder`` (images -> (B, feature_dim)) and a new classifier; top-1/top-5 (%) on ``val_loader``.
 
@@ -293,6 +303,9 @@ def fine_tune(
     ``probe_loader``'s features (the labelled images, centre-cropped; default
     ``train_loader``), so fine-tuning starts where the probe ends and its
     classifier learning rate does not depend on the backbone's feature scale.
+    ``optimizer_name="adamw"`` replaces SGD (``momentum`` then unused): the
+    standardisation divides the gradient reaching the backbone by the
+    features' spread, and Adam's step size does not follow the gradient's.
     ``encoder`` is modified in place and left in eval mode. Deterministic given
     ``seed`` (the global RNG is forked and re-seeded for the duration); seed the
     loaders too (:func:`make_loader`).
@@ -300,6 +313,7 @@ def fine_tune(
     _check_finetune_args(num_classes, epochs, lr_backbone, lr_classifier, momentum, weight_decay, schedule)
     _check_choice("head initialisation", head_init, HEAD_INITS)
     _check_choice("BatchNorm mode", bn, BN_MODES)
+    _check_choice("optimizer", optimizer_name, OPTIMIZERS)
     device = torch.device(device)
     if schedule == "cosine":
         milestones = []
@@ -314,7 +328,7 @@ def fine_tune(
             {"params": encoder.parameters(), "lr": lr_backbone},
             {"params": classifier.parameters(), "lr": lr_classifier},
         ]
-        optimizer = torch.optim.SGD(groups, momentum=momentum, weight_decay=weight_decay)
+        optimizer = _optimizer(optimizer_name, groups, momentum, weight_decay)
         scheduler = _scheduler(optimizer, schedule, epochs, milestones)
         loss = float("nan")
         for epoch in range(epochs):
@@ -332,6 +346,7 @@ def fine_tune(
         "milestones": milestones,
         "gamma": SEMISUP_GAMMA if schedule == "step" else None,
         "seed": seed,
+        "optimizer": optimizer_name,
         "head_init": head_init,
         "head_probe": probe,
         "bn": bn,
@@ -376,6 +391,7 @@ def finetune_semisup(
     seed: int = 0,
     head_init: str = "random",
     bn: str = "train",
+    optimizer_name: str = "sgd",
     say: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, object]:
     """Semi-supervised numbers for a checkpoint's backbone on an ImageFolder ``data_root`` (train/ and val/).
@@ -386,7 +402,7 @@ def finetune_semisup(
     given, before training starts. Learning rates left as None take SwAV's
     values for the label setting closer to ``label_fraction`` (for a list: to
     the share of train/ it names; :func:`default_learning_rates`). ``say``
-    receives progress sentences. ``head_init`` and ``bn``: see :func:`fine_tune`
+    receives progress sentences. ``head_init``, ``bn``, ``optimizer_name``: see :func:`fine_tune`
     (the defaults are SwAV's recipe).
 
     Returns the metrics (``top1``, ``top5``, in %) with the recipe used, the
@@ -411,6 +427,7 @@ def finetune_semisup(
     _check_finetune_args(len(classes), epochs, lr_backbone, lr_classifier, momentum, weight_decay, schedule)
     _check_choice("head initialisation", head_init, HEAD_INITS)
     _check_choice("BatchNorm mode", bn, BN_MODES)
+    _check_choice("optimizer", optimizer_name, OPTIMIZERS)
     encoder, info = load_encoder(checkpoint, "backbone")
     if labels_out is not None:
         header = f"{len(indices)} labelled images of {Path(data_root) / 'train'}, {how}; relative to train/"
@@ -430,6 +447,6 @@ def finetune_semisup(
     result = fine_tune(
         encoder, info["dim"], len(classes), train_loader, val_loader, epochs=epochs, lr_backbone=lr_backbone,
         lr_classifier=lr_classifier, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-        device=device, seed=seed, head_init=head_init, bn=bn, probe_loader=probe_loader,
+        device=device, seed=seed, head_init=head_init, bn=bn, probe_loader=probe_loader, optimizer_name=optimizer_name,
     )
     return {**result, "batch_size": batch_size, "image_size": image_size, "labelled": labelled, "info": dict(info)}

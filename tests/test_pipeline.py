@@ -51,7 +51,7 @@ def test_smoke_summary_has_finite_metrics_for_every_stage(smoke_run):
     stages = summary["stages"]
     for name in ["data", "teacher", "distill_moco_v2", "distill_seed", "distill_disco", "distill_retro",
                  "eval_random", "eval_teacher", "eval_moco_v2", "eval_seed", "eval_disco", "eval_retro",
-                 "semisup_moco_v2", "semisup_seed", "semisup_disco", "semisup_retro"]:
+                 "semisup_teacher", "semisup_moco_v2", "semisup_seed", "semisup_disco", "semisup_retro"]:
         assert name in stages, f"stage {name} missing from summary.json"
     for name, stage in stages.items():
         numbers = list(_numbers(stage["metrics"]))
@@ -79,6 +79,14 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     # The teacher is measured against its own network randomly initialised, not only against chance.
     assert "randomly initialised" in verdict
     assert "| random init (resnet18" in report and "| random init (efficientnet_b0" in report
+    # The settings open the report; every evaluated row is compared with its own architecture's random init.
+    assert report.splitlines()[2].startswith("Settings: preset `smoke`, seed 0.")
+    table = report.split("## Frozen-feature evaluation", 1)[1].split("\n## ", 1)[0]
+    header = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert header.rstrip(" |").endswith("vs its own random init")
+    for line in table.splitlines():
+        if line.startswith(("| teacher", "| retro", "| seed")):
+            assert "linear " in line.split("|")[-2] and "k-NN " in line.split("|")[-2], line
     num_val = json.loads((out / "summary.json").read_text())["stages"]["eval_teacher"]["metrics"]["backbone"]["num_val"]
     for stage in ("eval_teacher", "eval_retro", "det_retro", "det_random", "seg_retro", "seg_random"):
         assert (out / stage / "per_image.json").exists(), stage

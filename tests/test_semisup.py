@@ -207,6 +207,19 @@ def test_unknown_head_init_or_bn_mode_is_refused():
         fine_tune(_encoder(), 16, 3, train, val, epochs=1, head_init="zeros")
     with pytest.raises(ValueError, match="unknown BatchNorm mode 'sync'"):
         fine_tune(_encoder(), 16, 3, train, val, epochs=1, bn="sync")
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        fine_tune(_encoder(), 16, 3, train, val, epochs=1, optimizer_name="lamb")
+
+
+def test_adamw_fine_tuning_trains_the_backbone_and_learns():
+    """The pipeline's recipe (probe head, frozen BN, AdamW) on separable clusters: above 80% (chance 33.3%), backbone moved."""
+    encoder = _encoder()
+    before = encoder.state_dict()["1.weight"].clone()
+    train, val = _separable()
+    result = fine_tune(encoder, 16, 3, train, val, epochs=3, lr_backbone=1e-3, lr_classifier=1e-2, schedule="cosine",
+                       head_init="probe", bn="frozen", optimizer_name="adamw", seed=3)
+    assert result["top1"] > 80.0 and result["optimizer"] == "adamw", result
+    assert not torch.equal(encoder.state_dict()["1.weight"], before), "the backbone did not train"
 
 
 # ------------------------------------------------------------------ the command line, on a real student

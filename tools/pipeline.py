@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         records = run_pipeline(stages, ctx, force=args.force)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, FloatingPointError) as err:  # FloatingPointError: a run diverged
         fail(str(err))
     report = finish(ctx, args.preset, records, settings_line)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {report}")

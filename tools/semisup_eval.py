@@ -3,7 +3,7 @@
 
     python tools/semisup_eval.py CHECKPOINT --data DIR --out results.json
         [--label-fraction 0.1 | --label-list FILE] [--epochs 20] [--lr-backbone LR] [--lr-classifier LR]
-        [--schedule step|cosine] [--head-init random|probe] [--bn train|frozen] [--batch-size 256] [--image-size 224] [--workers 4] [--seed 0] [--device cpu|cuda]
+        [--schedule step|cosine] [--head-init random|probe] [--bn train|frozen] [--optimizer sgd|adamw] [--batch-size 256] [--image-size 224] [--workers 4] [--seed 0] [--device cpu|cuda]
 
 DIR holds ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` (the ImageNet
 layout). The whole network (backbone and a new Linear classifier) is
@@ -15,8 +15,9 @@ splits: SGD momentum 0.9, weight decay 0, batch 256, 20 epochs, lr x 0.2 at
 --label-list, the share of train/ it names decides).
 For small data and any backbone (what the pipeline runs): ``--head-init probe``
 starts the classifier from the standardised linear probe fitted on the labelled
-images, and ``--bn frozen`` keeps BatchNorm's running statistics, which small
-batches would estimate badly.
+images, ``--bn frozen`` keeps BatchNorm's running statistics, which small
+batches would estimate badly, and ``--optimizer adamw`` keeps the backbone's
+steps small whatever the features' scale.
 
 The subset is drawn per class (round(fraction x images), at least one) from
 --seed, or read from --label-list (paths relative to train/, or bare file
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-init", choices=("random", "probe"), default="random",
                         help="random: a new N(0, 0.01) Linear (default, SwAV); probe: start from the standardised "
                              "linear probe fitted on the labelled images (any backbone, small data)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="sgd (default, SwAV, with --momentum) or adamw (steps that do not grow with the gradient: "
+                             "for --head-init probe, whose standardisation scales the backbone's gradients)")
     parser.add_argument("--bn", choices=("train", "frozen"), default="train",
                         help="BatchNorm while training: batch statistics (default, SwAV) or frozen running statistics "
                              "(small batches)")
@@ -101,7 +105,7 @@ def _report(ev, args, result, classes, seconds) -> dict:
         f"top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
         f"({result['num_val']} val images, {len(classes)} classes; "
         f"{result['epochs']} epochs, lr {result['lr_backbone']:g} backbone / {result['lr_classifier']:g} classifier, "
-        f"{result['schedule']} schedule, head {result['head_init']}, BatchNorm {result['bn']}; {seconds:.1f} s)"
+        f"{result['schedule']} schedule, {result['optimizer']}, head {result['head_init']}, BatchNorm {result['bn']}; {seconds:.1f} s)"
     )
     recipe = {k: v for k, v in result.items() if k not in ("top1", "top5", "info", "labelled")}
     return {
@@ -141,7 +145,8 @@ def main(argv=None) -> int:
             labels_out=labels_path(args.out), epochs=args.epochs, lr_backbone=args.lr_backbone,
             lr_classifier=args.lr_classifier, momentum=args.momentum, weight_decay=args.weight_decay,
             schedule=args.schedule, batch_size=args.batch_size, image_size=args.image_size, workers=args.workers,
-            device=args.device, seed=args.seed, head_init=args.head_init, bn=args.bn, say=print,
+            device=args.device, seed=args.seed, head_init=args.head_init, bn=args.bn,
+            optimizer_name=args.optimizer, say=print,
         )
     except CheckpointError as err:
         fail_on_checkpoint(args.checkpoint, str(err))

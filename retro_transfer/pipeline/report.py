@@ -168,7 +168,7 @@ def semisup_recipe_text(preset: Mapping) -> str:
     from .upstream import SEMISUP_RECIPE as r
 
     return (f"10%-label column: the whole network fine-tuned on 10% of the training labels per class "
-            f"({preset.get('semisup_epochs', '-')} epochs, batch {r['batch_size']}, SGD momentum 0.9, learning rate "
+            f"({preset.get('semisup_epochs', '-')} epochs, batch {r['batch_size']}, {r['optimizer_name'].replace('adamw', 'AdamW')}, learning rate "
             f"{r['lr_backbone']:g} for the backbone and {r['lr_classifier']:g} for the head, {r['schedule']} decay; the head "
             f"starts from the standardised linear probe fitted on the labelled images; BatchNorm frozen at its running "
             f"statistics; tools/semisup_eval.py, command in the stage table). \"start\": the top-1 of that probe before "
@@ -290,6 +290,11 @@ def _said(difference) -> str:
     return "significant" if stats.significant(difference) else "not significant: the interval includes 0"
 
 
+def _short(d) -> str:
+    """``+3.0 [-1.0, +7.0] (n.s.)``: a difference, its interval, and whether it is significant, in few characters."""
+    return f"{d.value:+.1f} [{d.low:+.1f}, {d.high:+.1f}]{'' if stats.significant(d) else ' (n.s.)'}"
+
+
 def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mapping, segmentation: Mapping) -> List[str]:
     """The report's opening: what beat what, in words, each difference with its interval and significance."""
     lines = []
@@ -316,6 +321,11 @@ def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mappi
         student_random = frozen.get((RANDOM, STUDENT_ARCH))
         floor = f" A randomly initialised {STUDENT_ARCH} scores {student_random['linear']}." if student_random else ""
         lines.append(f"- **Students** against the MoCo-v2-alone student ({baseline['linear']}): " + "; ".join(parts) + "." + floor)
+    floors = [f"{model}: linear {_short(e['vs_random'])}, k-NN {_short(e['vs_random_knn'])}"
+              for model in ["teacher"] + list(METHODS) for e in [frozen.get((model, "backbone"))] if e and e.get("vs_random")]
+    if floors:
+        lines.append("- **Against their own random initialisation** (each the same architecture randomly initialised; "
+                     "n.s.: not significant): " + "; ".join(floors) + ".")
     retro = frozen.get(("retro", "backbone"))
     if teacher and retro:
         gap = retro["linear"].value - teacher["linear"].value
