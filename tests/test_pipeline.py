@@ -79,8 +79,8 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     # The teacher is measured against its own network randomly initialised, not only against chance.
     assert "randomly initialised" in verdict
     assert "| random init (resnet18" in report and "| random init (efficientnet_b0" in report
-    # The settings open the report; every evaluated row is compared with its own architecture's random init.
-    assert report.splitlines()[2].startswith("Settings: preset `smoke`, seed 0.")
+    # The settings follow the teacher's provenance; every evaluated row is compared with its own architecture's random init.
+    assert report.splitlines()[4].startswith("Settings: preset `smoke`, seed 0.")
     table = report.split("## Frozen-feature evaluation", 1)[1].split("\n## ", 1)[0]
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     assert header.rstrip(" |").endswith("vs its own random init")

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
                         help="distil from your own teacher checkpoint (any layout the teacher loader knows, with its projection head) "
                              "instead of training one")
     parser.add_argument("--teacher-recipe", choices=("supcon", "moco_v2"),
-                        help="how the demo trains its teacher: moco_v2 (self-supervised; the presets' default but smoke's) or "
-                             "supcon (with labels, a stand-in for a large self-supervised teacher; not yet tuned: BENCHMARKS.md)")
+                        help="how the demo trains its teacher: supcon (default; with labels, a stand-in for a large "
+                             "self-supervised teacher) or moco_v2 (self-supervised, weak at this scale)")
     args = parser.parse_args(argv)
     if args.teacher and args.teacher_recipe:
         fail("--teacher and --teacher-recipe exclude each other: a given teacher is not trained; drop one of them")

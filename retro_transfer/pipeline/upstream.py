@@ -127,6 +127,7 @@ def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
             f"data.train_dir={data_dir(ctx) / 'classification' / 'train'}",
             f"train.lr={p['supcon_lr']}",
             f"loss.temperature={p['supcon_temperature']}",
+            f"loss.momentum={p['supcon_momentum']}",
         ]
     return _overrides(ctx, folder, p["teacher_steps"]) + [
         f"student.arch={p['teacher_arch']}",
