@@ -52,6 +52,7 @@ __all__ = [
     "TEACHER_CACHE_MANIFEST",
     "TEACHER_FAMILIES",
     "TEACHER_METHODS",
+    "LABELLED_METHODS",
     "AdapterConfig",
     "CheckpointConfig",
     "Config",
@@ -76,7 +77,9 @@ __all__ = [
     "validate_paths",
 ]
 
-METHODS = ("moco_v2", "seed", "disco", "retro")
+METHODS = ("moco_v2", "seed", "disco", "retro", "supcon")
+# Methods that train on labels (data.train_dir laid out train/<class>/*): teacher recipes, never students.
+LABELLED_METHODS = ("supcon",)
 # Methods that distil from a frozen teacher; moco_v2 trains the student alone.
 TEACHER_METHODS = ("seed", "disco", "retro")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")

@@ -59,6 +59,27 @@ def read_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def folder_labels(root, files: Sequence[Path]) -> Tuple[List[int], List[str]]:
+    """Each file's class index from its class folder (ImageFolder's rule: sorted folder names), and the class names.
+
+    Refused in one line unless every file sits in a class folder one level
+    below ``root`` and there are at least two classes.
+    """
+    root = Path(root)
+    loose = [path for path in files if path.parent == root]
+    if loose:
+        raise ConfigError(
+            f"data.train_dir {root} must hold the images in class folders (train/<class>/*.jpg) for a recipe that "
+            f"trains on labels, but {len(loose)} image(s) lie directly in it, e.g. {loose[0].name}; "
+            "use a labelled split such as the shapes data's classification/train"
+        )
+    classes = sorted({path.parent.name for path in files})
+    if len(classes) < 2:
+        raise ConfigError(f"data.train_dir {root} has {len(classes)} class folder(s); training on labels needs at least two")
+    index = {name: i for i, name in enumerate(classes)}
+    return [index[path.parent.name] for path in files], classes
+
+
 #: The bytes a complete file of a format ends with: JPEG's end-of-image marker, PNG's IEND chunk.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
@@ -177,13 +198,26 @@ class MultiViewImages(Dataset):
     """
 
     def __init__(
-        self, files: Sequence[Path], transform, views: int = 2, seed: int = 0, decoded: Optional[Sequence[torch.Tensor]] = None
+        self,
+        files: Sequence[Path],
+        transform,
+        views: int = 2,
+        seed: int = 0,
+        decoded: Optional[Sequence[torch.Tensor]] = None,
+        labels: Optional[Sequence[int]] = None,
     ) -> None:
-        """``decoded``: the images of ``files`` already decoded (:func:`decode_all`), else read per sample."""
+        """``decoded``: the images of ``files`` already decoded (:func:`decode_all`), else read per sample.
+
+        ``labels``: a class index per file (teacher recipes that train on
+        labels); each sample then ends with its label after the views.
+        """
         if decoded is not None and len(decoded) != len(files):
             raise ValueError(f"{len(decoded)} decoded images for {len(files)} files")
+        if labels is not None and len(labels) != len(files):
+            raise ValueError(f"{len(labels)} labels for {len(files)} files")
         self.files, self.transform, self.views, self.seed = list(files), transform, views, seed
         self.decoded = decoded
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -193,7 +227,8 @@ class MultiViewImages(Dataset):
         image = self.decoded[index] if self.decoded is not None else read_rgb(self.files[index])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, epoch, index))
-            return tuple(self.transform(image) for _ in range(self.views))
+            views = tuple(self.transform(image) for _ in range(self.views))
+        return views if self.labels is None else (*views, self.labels[index])
 
 
 class StepBatchSampler(Sampler):

@@ -36,6 +36,7 @@ from .data import (
     StepBatchSampler,
     check_batch_fits,
     decode_all,
+    folder_labels,
     list_images,
     moco_v2_augmentation,
     step_loader,
@@ -270,6 +271,10 @@ def training_images(cfg: Config, views: int) -> List[Path]:
             total = len(files) + len(bad)
             print(f"data.skip_bad_images=true: skipped {len(bad)} unreadable image file(s) of {total}, e.g. {bad[0][0]}")
     check_batch_fits(len(files), cfg.train.batch_size, dist_utils.world_size())
+    if METHODS[cfg.method].needs_labels:
+        _, classes = folder_labels(cfg.data.train_dir, files)  # refused here, before anything is written
+        if main:
+            print(f"{cfg.method} trains on labels: {len(classes)} classes from the class folders of {cfg.data.train_dir}")
     warning = check_queue_against_data(cfg, len(files), views)
     if warning and main:
         print(warning)
@@ -301,7 +306,8 @@ def training_dataset(cfg: Config, files: List[Path], views: int) -> MultiViewIma
         )
         print(f"data: {len(files)} images in {cfg.data.train_dir}, {where}", flush=True)
     augmentation = moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale)
-    return MultiViewImages(files, augmentation, views, cfg.seed, decoded)
+    labels = folder_labels(cfg.data.train_dir, files)[0] if METHODS[cfg.method].needs_labels else None
+    return MultiViewImages(files, augmentation, views, cfg.seed, decoded, labels)
 
 
 def prepare_output_dir(out: Path, overwrite: bool, step: int) -> None:
@@ -552,6 +558,8 @@ class Trainer:
         return step_loader(dataset, sampler, cfg.data.num_workers, cfg.seed, pin_memory=self.device.type == "cuda")
 
     def _to_device(self, view: torch.Tensor) -> torch.Tensor:
+        if view.ndim != 4:  # a batch's labels (teacher recipes that train on them)
+            return view.to(self.device, non_blocking=True)
         memory_format = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         return view.to(self.device, non_blocking=True, memory_format=memory_format)
 

@@ -67,3 +67,27 @@ def consistency_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     ``mse_weight`` expresses without tying the weight to the per-process batch.
     """
     return (student - teacher).pow(2).sum(dim=1).mean()
+
+
+def same_label(labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool mask: key n carries anchor b's label. A negative key label (an unfilled queue slot) matches nothing."""
+    return (labels[:, None] == key_labels[None, :]) & (key_labels[None, :] >= 0)
+
+
+@full_precision
+def supcon_loss(q: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020, eq. 2, "L_out"), with MoCo's keys as candidates.
+
+        L_i = -1/|P(i)| sum_{p in P(i)} log( exp(q_i.k_p / tau) / sum_{a in A(i)} exp(q_i.k_a / tau) )
+
+    A(i) is every row of ``keys`` (the batch's keys, then the queue), P(i) the
+    keys ``positives[i]`` marks (the same class, the anchor's own second view
+    among them). Averaged over the anchors that have a positive; 0 when none has.
+    """
+    log_prob = F.log_softmax(q @ keys.t() / temperature, dim=1)
+    count = positives.sum(dim=1)
+    per_anchor = -(positives * log_prob).sum(dim=1) / count.clamp_min(1)
+    has_positive = count > 0
+    if not has_positive.any():
+        return log_prob.sum() * 0.0  # keeps the graph, so that backward still runs
+    return per_anchor[has_positive].mean()

@@ -57,7 +57,7 @@ def test_every_shipped_config_loads(name):
 
 @pytest.mark.parametrize("name", sorted(ABSTRACT))
 def test_abstract_bases_need_a_method(name):
-    with pytest.raises(ConfigError, match=r"missing required key 'method'.*method=<one of moco_v2, seed, disco, retro>"):
+    with pytest.raises(ConfigError, match=r"missing required key 'method'.*method=<one of moco_v2, seed, disco, retro, supcon>"):
         load_config(CONFIGS / name, [], check_paths=False)
 
 
@@ -253,7 +253,7 @@ def test_wrong_type(text, message):
 
 
 @pytest.mark.parametrize("key, bad, accepted", [
-    ("method", "mocov2", "moco_v2, seed, disco, retro"),
+    ("method", "mocov2", "moco_v2, seed, disco, retro, supcon"),
     ("train.precision", "fp8", "fp32, bf16, fp16, auto"),
     ("train.schedule", "step", "cosine, constant"),
     ("adapter.kind", "mlp", "auto, inverted_residual, bottleneck"),

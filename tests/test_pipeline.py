@@ -73,6 +73,9 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     """Every accuracy, AP50 and mIoU comes with a bootstrap interval; each comparison says if it is significant."""
     out, _ = smoke_run
     report = (out / "report.md").read_text()
+    # The first line under the title says how the teacher was made: with labels, which the students never see.
+    first = report.splitlines()[2]
+    assert "trained **with labels**" in first and "never see a label" in first, first
     verdict = report.split("## Verdict", 1)[1].split("## Stages", 1)[0]
     for claim in ("**Teacher**", "**Students**", "**Detection**", "**Segmentation**"):
         assert claim in verdict
@@ -80,8 +83,8 @@ def test_report_opens_with_a_verdict_and_gives_intervals(smoke_run):
     # The teacher is measured against its own network randomly initialised, not only against chance.
     assert "randomly initialised" in verdict
     assert "| random init (resnet18" in report and "| random init (efficientnet_b0" in report
-    # The settings open the report; every evaluated row is compared with its own architecture's random init.
-    assert report.splitlines()[2].startswith("Settings: preset `smoke`, seed 0.")
+    # The settings follow the teacher's provenance; every evaluated row is compared with its own architecture's random init.
+    assert report.splitlines()[4].startswith("Settings: preset `smoke`, seed 0.")
     table = report.split("## Frozen-feature evaluation", 1)[1].split("\n## ", 1)[0]
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     assert header.rstrip(" |").endswith("vs its own random init")

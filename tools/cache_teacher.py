@@ -16,9 +16,9 @@ import sys
 
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path, positive_int
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
 
-# After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
 from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 
 

@@ -14,9 +14,9 @@ import sys
 
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
 
-# After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
 from retro_transfer.checkpoints import CheckpointError  # noqa: E402
 
 
@@ -29,13 +29,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from distill.config import ConfigError, load_config
+    from distill.config import LABELLED_METHODS, ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
     from retro_transfer.utils.run_lock import RunFolderError
 
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.method in LABELLED_METHODS:
+            raise ConfigError(
+                f"method {cfg.method} trains on labels, so it makes teachers, not distilled students: "
+                f"run it with tools/pretrain_teacher.py"
+            )
         trainer = Trainer(cfg)
         final = trainer.fit()
     except KeyboardInterrupt:

@@ -35,7 +35,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, help="seed of data, initialisation, augmentation and fine-tuning (default: the preset's, 0)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="change a preset field (repeatable), e.g. --set distill_steps=60")
+    parser.add_argument("--teacher", metavar="PATH",
+                        help="distil from your own teacher checkpoint (any layout the teacher loader knows, with its projection head) "
+                             "instead of training one")
+    parser.add_argument("--teacher-recipe", choices=("supcon", "moco_v2"),
+                        help="how the demo trains its teacher: supcon (default; with labels, a stand-in for a large "
+                             "self-supervised teacher) or moco_v2 (self-supervised, weak at this scale)")
     args = parser.parse_args(argv)
+    if args.teacher and args.teacher_recipe:
+        fail("--teacher and --teacher-recipe exclude each other: a given teacher is not trained; drop one of them")
 
     from distill.config import ConfigError
     from retro_transfer.checkpoints import CheckpointError
@@ -43,12 +51,17 @@ def main(argv=None) -> int:
     from retro_transfer.pipeline.runner import Context, run_pipeline
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
     from retro_transfer.pipeline.settings import SettingsError, claim_folder, describe, resolve_settings
+    from retro_transfer.pipeline.upstream import use_teacher
 
     try:
         preset = resolve_settings(PRESETS[args.preset], args.seed, args.sets)
-    except SettingsError as err:
+        if args.teacher_recipe:
+            preset["teacher_recipe"] = args.teacher_recipe
+        if args.teacher:
+            preset = use_teacher(preset, args.teacher)
+        stages = build_stages(preset)
+    except (SettingsError, CheckpointError) as err:
         fail(str(err))
-    stages = build_stages(preset)
     unknown = [s for s in args.force if s != "all" and s not in {stage.name for stage in stages}]
     if unknown:
         fail(f"unknown stage(s) {', '.join(unknown)} for --force; stages: {', '.join(s.name for s in stages)}")

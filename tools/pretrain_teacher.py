@@ -1,7 +1,14 @@
 #!/usr/bin/env python
-"""Pretrain a ResNet teacher with MoCo v2 and write it in the official MoCo v2 layout.
+"""Pretrain a ResNet teacher with MoCo v2 (or SupCon) and write it in the official MoCo v2 layout.
 
     python tools/pretrain_teacher.py --config configs/teacher/shapes_moco_v2_r50.yaml [key=value ...]
+    python tools/pretrain_teacher.py --config configs/teacher/shapes_supcon_r18.yaml [key=value ...]
+
+``method: moco_v2`` is self-supervised. ``method: supcon`` is supervised
+contrastive learning (Khosla et al., 2020) on the same engine, queue and head,
+reading labels from the class folders of ``data.train_dir``: a stand-in for a
+large self-supervised teacher where none can be downloaded or trained (the
+demo); students distilled from it still never see a label.
 
 The run uses the distillation engine (method moco_v2, a ResNet "student"),
 so it resumes, logs and scales the same way, and an output_dir that holds a
@@ -15,9 +22,9 @@ import sys
 
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
+# Before any import of distill: retro_transfer.checkpoints imports distill.common.
 keep_tools_dir_off_path(__file__)
 
-# After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
 from retro_transfer.checkpoints import CheckpointError, safe_load, save_atomic  # noqa: E402
 
 TEACHER_FILE = "checkpoint_last.pth.tar"
@@ -25,28 +32,28 @@ TEACHER_FILE = "checkpoint_last.pth.tar"
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=config_file("teacher"), help="YAML config with method: moco_v2 and a ResNet student.arch")
+    parser.add_argument("--config", required=True, type=config_file("teacher"), help="YAML config with method: moco_v2 or supcon and a ResNet student.arch")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     args = parser.parse_args(argv)
 
     from distill import distributed as dist_utils
     from distill.config import ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
-    from distill.teacher_export import to_moco_v2_release
+    from distill.teacher_export import TEACHER_RECIPES, to_moco_v2_release
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
     trainer = None
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.method != "moco_v2":
-            raise ConfigError(f"a teacher is pretrained with method: moco_v2, not {cfg.method}")
+        if cfg.method not in TEACHER_RECIPES:
+            raise ConfigError(f"a teacher is pretrained with method: {' or '.join(TEACHER_RECIPES)}, not {cfg.method}")
         with run_folder_locked(cfg.output_dir, "output_dir"):  # the Trainer's lock, held on to the teacher file
             trainer = Trainer(cfg)
             final = trainer.fit()
             if dist_utils.is_main_process():
                 release = to_moco_v2_release(safe_load(final))
                 save_atomic(release, final.parent / TEACHER_FILE)
-                print(f"teacher written in the MoCo v2 layout: {final.parent / TEACHER_FILE}")
+                print(f"{cfg.method} teacher written in the MoCo v2 layout: {final.parent / TEACHER_FILE}")
     except KeyboardInterrupt:
         interrupted(trainer.stopped_at() if trainer else "before training started; nothing was written")
     except (ConfigError, CheckpointError, ValueError, RunFolderError) as err:

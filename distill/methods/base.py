@@ -62,6 +62,7 @@ class DistillMethod(nn.Module):
     name = "base"
     needs_teacher = True
     num_views = 2  # augmented views per image that forward() takes
+    needs_labels = False  # forward(x1, x2, labels): only teacher recipes (supcon); students never see labels
 
     def __init__(
         self,

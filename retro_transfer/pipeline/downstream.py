@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
 from retro_transfer.convert import read_backbone
 
 from .runner import Context, Stage, read_json, save_json
+from .settings import SettingsError
 from .upstream import data_dir, student_file
 
 TRANSFERRED = ("retro", "moco_v2")
@@ -336,21 +337,32 @@ def _segment_command(init: str):
     return command
 
 
+def transfer_inits(preset: Mapping) -> Tuple[str, ...]:
+    """The initialisations a preset fine-tunes from: its ``transfer_from`` students (comma-separated), then random."""
+    students = tuple(m for m in preset.get("transfer_from", ",".join(TRANSFERRED)).split(",") if m)
+    unknown = [m for m in students if m not in TRANSFERRED]
+    if unknown:
+        raise SettingsError(f"transfer_from={preset['transfer_from']}: no student {', '.join(unknown)}; choose from {', '.join(TRANSFERRED)}")
+    return students + ("random",)
+
+
 def downstream_stages(preset: Dict) -> List[Stage]:
+    """Conversion, then each task from each of the preset's initialisations (Mask R-CNN only where mrcnn_iters is set)."""
     stages = []
-    for method in TRANSFERRED:
+    inits = transfer_inits(preset)
+    for method in inits[:-1]:
         stages.append(Stage(f"convert_{method}", _convert(method), _convert_command(method),
                             deps=(f"distill_{method}",), title=f"convert the {method} student to Detectron2 and MMSeg"))
-    for init in INITS:
+    for init in inits:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
         stages.append(Stage(f"det_{init}", _detect(init), _detect_command(init), deps=deps,
                             title=f"Faster R-CNN on shapes-VOC from {init} initialisation"))
-    for init in INITS:
+    for init in inits:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
         stages.append(Stage(f"seg_{init}", _segment(init), _segment_command(init), deps=deps,
                             title=f"FCN segmentation on shapes-VOC from {init} initialisation"))
     if preset.get("mrcnn_iters"):  # off unless a preset asks for it
-        for init in INITS:
+        for init in inits:
             deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
             stages.append(Stage(f"mrcnn_{init}", _mask_rcnn(init), _mask_rcnn_command(init), deps=deps,
                                 title=f"Mask R-CNN on shapes-COCO from {init} initialisation"))

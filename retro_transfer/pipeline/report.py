@@ -9,7 +9,7 @@ from typing import Dict, List, Mapping, Sequence
 
 from . import stats
 from .runner import read_json
-from .upstream import METHODS, PER_IMAGE, STUDENT_ARCH, read_log
+from .upstream import METHODS, PER_IMAGE, PROVENANCE, STUDENT_ARCH, read_log
 
 LOSS_FIGURE = "loss_curves.png"
 ACCURACY_FIGURE = "accuracy.png"
@@ -55,7 +55,9 @@ def _log_curves(out: Path, records: Mapping[str, Dict], key: str, ylabel: str, t
 
 
 def loss_figure(out: Path, records: Mapping[str, Dict]) -> Path:
-    return _log_curves(out, records, "loss", "training loss", "Distillation losses (teacher: MoCo v2 pretraining)", LOSS_FIGURE)
+    recipe = records["teacher"]["metrics"].get("recipe", "moco_v2") if "teacher" in records else "moco_v2"
+    teacher = {"supcon": "SupCon pretraining", "moco_v2": "MoCo v2 pretraining", "user": "the user's, not trained here"}[recipe]
+    return _log_curves(out, records, "loss", "training loss", f"Distillation losses (teacher: {teacher})", LOSS_FIGURE)
 
 
 def knn_figure(out: Path, records: Mapping[str, Dict]) -> Path:
@@ -218,6 +220,20 @@ def method_settings_lines(records: Mapping[str, Dict]) -> List[str]:
     return ["", *lines] if lines else []
 
 
+def teacher_provenance(metrics: Mapping) -> str:
+    """The report's first line: how the teacher was made, and that the students never see a label."""
+    return PROVENANCE[metrics.get("recipe", "moco_v2")].format(**metrics)
+
+
+def teacher_summary(metrics: Mapping) -> str:
+    """``resnet18 pretrained with SupCon (labels) for 240 steps``, or the user's file."""
+    recipe = metrics.get("recipe", "moco_v2")
+    if recipe == "user":
+        return f"the user's {metrics['arch']} ({metrics['path']})"
+    words = {"supcon": "SupCon (with labels)", "moco_v2": "MoCo v2 (self-supervised)"}[recipe]
+    return f"{metrics['arch']} pretrained with {words} for {metrics['steps']} steps"
+
+
 def write_report(
     out: Path, preset_name: str, preset: Mapping, records: Mapping[str, Dict], sections: Sequence[str] = (),
     verdict: Sequence[str] = (), settings_line: str = "",
@@ -226,9 +242,12 @@ def write_report(
     ``verdict`` the lines of the summary in words that opens the report, ``settings_line`` the run's
     settings in words (preset, seed, changed fields: :func:`.settings.describe`)."""
     lines = [f"# retro-transfer pipeline report (preset `{preset_name}`)", ""]
+    if "teacher" in records:
+        lines += [teacher_provenance(records["teacher"]["metrics"]), ""]
     settings_line = settings_line or f"preset `{preset_name}`, seed {preset['seed']}"
     lines.append(f"Settings: {settings_line}. Every number below comes from the stage records in this folder; "
                  "`DATA` stands for `data/shapes` in this folder. Re-running the pipeline skips stages whose output is up to date.")
+    head = len(lines)  # the verdict goes here: after the title, the teacher's provenance and the settings
     lines += ["", "## Stages", ""]
     lines += markdown_table(["stage", "seconds", "command"], [[name, r["seconds"], f"`{r['command']}`"] for name, r in records.items()])
 
@@ -241,8 +260,7 @@ def write_report(
         terms = ", ".join(f"{k} {m[k]:.3f}" for k in ("infonce", "seed", "mse1", "mse2") if k in m)
         distill_rows.append([method, m["student"], m["steps"], m.get("loss", float("nan")), terms, m.get("img_per_s", float("nan"))])
     if distill_rows:
-        lines += ["", "## Distillation", "", f"Teacher: {records['teacher']['metrics']['arch']} pretrained with MoCo v2 for "
-                  f"{records['teacher']['metrics']['steps']} steps. Final training losses:", ""]
+        lines += ["", "## Distillation", "", f"Teacher: {teacher_summary(records['teacher']['metrics'])}. Final training losses:", ""]
         lines += markdown_table(["method", "student", "steps", "loss", "terms", "img/s"], distill_rows)
         lines += method_settings_lines(records)
         lines += ["", f"![losses]({loss_figure(out, records).name})"]
@@ -273,7 +291,7 @@ def write_report(
     for section in sections:
         lines += ["", section]
     if verdict:
-        lines[3:3] = ["", "## Verdict", "", *verdict]  # after the title and the settings line
+        lines[head:head] = ["", "## Verdict", "", *verdict]
 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
@@ -299,7 +317,8 @@ def verdict_lines(records: Mapping[str, Dict], frozen: Mapping, detection: Mappi
     if teacher:
         arch = records["teacher"]["metrics"]["arch"]
         classes = records["data"]["metrics"]["classes"]
-        line = (f"- **Teacher** ({arch}, MoCo v2, no labels): linear-probe top-1 {teacher['linear']} "
+        how = {"supcon": "SupCon, trained with labels", "moco_v2": "MoCo v2, no labels", "user": "the user's checkpoint"}
+        line = (f"- **Teacher** ({arch}, {how[records['teacher']['metrics'].get('recipe', 'moco_v2')]}): linear-probe top-1 {teacher['linear']} "
                 f"(chance {100 / classes:.1f})")
         d = teacher.get("vs_random")
         if d is not None:

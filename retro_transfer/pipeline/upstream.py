@@ -22,6 +22,7 @@ from retro_transfer.checkpoints import load_encoder, safe_load, save_atomic
 from retro_transfer.data.shapes import CLASSES, ShapesConfig, generate
 
 from .runner import Context, Stage, save_json
+from .settings import SettingsError
 
 METHODS = ("moco_v2", "seed", "disco", "retro")
 TEACHER_FILE = "checkpoint_last.pth.tar"
@@ -32,7 +33,9 @@ def data_dir(ctx: Context) -> Path:
 
 
 def teacher_file(ctx: Context) -> Path:
-    return ctx.folder("teacher") / TEACHER_FILE
+    """The teacher the students learn from: the user's file (``--teacher``), else the one the teacher stage trains."""
+    given = ctx.preset.get("teacher_path")
+    return Path(given) if given else ctx.folder("teacher") / TEACHER_FILE
 
 
 def student_file(ctx: Context, method: str) -> Path:
@@ -93,18 +96,39 @@ def _overrides(ctx: Context, folder: Path, steps: int) -> List[str]:
     ]
 
 
-TEACHER_CONFIG = "configs/teacher/shapes_moco_v2_r50.yaml"
+# The demo's teacher recipes (``teacher_recipe`` in the presets, ``--teacher-recipe`` on the command line).
+TEACHER_CONFIGS = {"supcon": "configs/teacher/shapes_supcon_r18.yaml", "moco_v2": "configs/teacher/shapes_moco_v2_r50.yaml"}
+#: The teacher's provenance in plain words, for the first line of the report.
+PROVENANCE = {
+    "supcon": ("The teacher was trained **with labels** (supervised contrastive learning, SupCon, on the labelled "
+               "classification split): a stand-in for the large self-supervised teacher a user brings. "
+               "The students never see a label; only the evaluation below uses them."),
+    "moco_v2": ("The teacher was trained self-supervised (MoCo v2 on the unlabeled images), as the students are "
+                "distilled: no network sees a label before the evaluation below."),
+    "user": "The teacher is the user's checkpoint {path} ({family} layout, {arch}). The students never see a label; only the evaluation below uses them.",
+}
 
 
 def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
-    """The teacher's run: the shared settings, then the contrastive settings a seven-class data set needs.
+    """The teacher's run: the shared settings, then its recipe's.
 
-    With seven classes one negative in seven is the query's own class, and at
-    MoCo v2's temperature (0.2) pushing those away erases the class; a higher
-    temperature and a short queue weaken that pressure, and a lower learning
-    rate keeps the loss from climbing back to chance (probes in BENCHMARKS.md).
+    moco_v2: with seven classes one negative in seven is the query's own class,
+    and at MoCo v2's temperature (0.2) pushing those away erases the class; a
+    higher temperature and a short queue weaken that pressure, and a lower
+    learning rate keeps the loss from climbing back to chance (probes in
+    BENCHMARKS.md). supcon: the labelled split, where every same-class key of
+    the batch and the queue is a positive, so a long queue helps.
     """
     p = ctx.preset
+    if p["teacher_recipe"] == "supcon":
+        shared = [o for o in _overrides(ctx, folder, p["supcon_steps"]) if not o.startswith("data.train_dir=")]
+        return shared + [
+            f"student.arch={p['teacher_arch']}",
+            f"data.train_dir={data_dir(ctx) / 'classification' / 'train'}",
+            f"train.lr={p['supcon_lr']}",
+            f"loss.temperature={p['supcon_temperature']}",
+            f"loss.momentum={p['supcon_momentum']}",
+        ]
     return _overrides(ctx, folder, p["teacher_steps"]) + [
         f"student.arch={p['teacher_arch']}",
         f"train.lr={p['teacher_lr']}",
@@ -114,11 +138,48 @@ def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
 
 
 def _teacher(ctx: Context, folder: Path) -> Dict:
-    cfg = load_config(TEACHER_CONFIG, _teacher_overrides(ctx, folder))
+    recipe = ctx.preset["teacher_recipe"]
+    cfg = load_config(TEACHER_CONFIGS[recipe], _teacher_overrides(ctx, folder))
     final = Trainer(cfg).fit()
     save_atomic(to_moco_v2_release(safe_load(final)), folder / TEACHER_FILE)
     final.unlink()  # the exported file is the teacher; the engine checkpoint would double the disk use
-    return {"arch": ctx.preset["teacher_arch"], "steps": cfg.train.max_steps, **_last_terms(folder)}
+    return {"arch": ctx.preset["teacher_arch"], "recipe": recipe, "steps": cfg.train.max_steps, **_last_terms(folder)}
+
+
+def _teacher_command(ctx: Context, folder: Path) -> str:
+    return _cli("pretrain_teacher.py", TEACHER_CONFIGS[ctx.preset["teacher_recipe"]], _teacher_overrides(ctx, folder))
+
+
+def _given_teacher(ctx: Context, folder: Path) -> Dict:
+    """``--teacher PATH``: nothing to train; the stage records what the file is (checked when the run started)."""
+    return {**describe_teacher(Path(ctx.preset["teacher_path"])), "recipe": "user"}
+
+
+def describe_teacher(path: Path) -> Dict:
+    """A user's teacher file, loaded once with its head: arch and layout, or a one-line refusal with the fix.
+
+    The demo builds the teacher's random-init floor with timm, so the teacher
+    must be one of the torchvision ResNets both know (not a widened ResNet).
+    """
+    from retro_transfer.checkpoints import CheckpointError, load_teacher
+
+    teacher, report = load_teacher(path, require_head=True)
+    if teacher.arch not in DEMO_TEACHER_ARCHS:
+        raise CheckpointError(
+            f"--teacher {path}: a {teacher.arch} teacher, which the demo cannot use (its presets build the random-init "
+            f"floor of {', '.join(DEMO_TEACHER_ARCHS)} only); distil from it with tools/distill.py teacher.checkpoint={path}"
+        )
+    return {"arch": teacher.arch, "family": report.format, "path": str(path)}
+
+
+#: Teacher architectures the demo can use: a random-init floor needs the same network from timm.
+DEMO_TEACHER_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def use_teacher(settings: Dict, path: str) -> Dict:
+    """The settings of a run on the user's teacher file: its path and architecture replace the recipe's."""
+    path = Path(path).absolute()
+    return {**settings, "teacher_path": str(path), "teacher_arch": describe_teacher(path)["arch"], "teacher_recipe": "user"}
 
 
 STUDENT_ARCH = "efficientnet_b0"  # the student of every configs/distill/shapes_<method>_effb0.yaml
@@ -320,6 +381,16 @@ def _cli(tool: str, config: str, overrides: List[str]) -> str:
     return " ".join([f"python tools/{tool}", "--config", config, *overrides])
 
 
+def _teacher_stage(p: Dict) -> Stage:
+    if p["teacher_recipe"] == "user":
+        return Stage("teacher", _given_teacher, lambda ctx, f: f"(given with --teacher) {p['teacher_path']}",
+                     title=f"the user's {p['teacher_arch']} teacher, {p['teacher_path']}")
+    if p["teacher_recipe"] not in TEACHER_CONFIGS:
+        raise SettingsError(f"teacher_recipe {p['teacher_recipe']!r}: choose one of {', '.join(TEACHER_CONFIGS)}")
+    words = {"supcon": "SupCon (with labels)", "moco_v2": "MoCo v2 (self-supervised)"}[p["teacher_recipe"]]
+    return Stage("teacher", _teacher, _teacher_command, deps=("data",), title=f"{words} pretraining of a {p['teacher_arch']} teacher")
+
+
 def upstream_stages(preset: Dict) -> List[Stage]:
     """Stages from data to evaluated students, in order."""
     p = preset
@@ -327,8 +398,7 @@ def upstream_stages(preset: Dict) -> List[Stage]:
         Stage("data", _data,
               lambda ctx, f: f"python tools/make_shapes.py --out {data_dir(ctx)} --num-images {p['num_images']} --size {p['image_side']} --seed {p['seed']}",
               title="generate the shapes data set"),
-        Stage("teacher", _teacher, lambda ctx, f: _cli("pretrain_teacher.py", TEACHER_CONFIG, _teacher_overrides(ctx, f)),
-              deps=("data",), title=f"MoCo v2 pretraining of a {p['teacher_arch']} teacher"),
+        _teacher_stage(p),
     ]
     stages.append(Stage(TEACHER_CACHE, _teacher_cache, _teacher_cache_command, deps=("data", "teacher"),
                         title="the teacher's embeddings of every view, once for seed, disco and retro"))
