@@ -29,17 +29,19 @@ def _names(preset) -> set:
     return {stage.name for stage in build_stages(preset)}
 
 
-def test_default_transfers_retro_and_random_and_full_adds_moco_v2_and_mask_rcnn():
+def test_default_transfers_retro_and_random_and_full_adds_moco_v2_mask_rcnn_and_mmdetection():
     default, full = _names(PRESETS["default"]), _names(PRESETS["full"])
     for task in ("det", "seg"):
         assert {f"{task}_retro", f"{task}_random"} <= default and f"{task}_moco_v2" not in default
         assert {f"{task}_retro", f"{task}_random", f"{task}_moco_v2"} <= full
     assert not any(name.startswith("mrcnn_") for name in default)
     assert {"mrcnn_retro", "mrcnn_moco_v2", "mrcnn_random"} <= full
+    assert {"mmdet_retro", "mmdet_random"} <= full and not any(name.startswith("mmdet_") for name in default)
     # What full adds is only the comparisons: every default stage runs there with the same settings.
     assert default < full
-    assert {k: v for k, v in PRESETS["full"].items() if k not in ("transfer_from", "mrcnn_iters")} == \
-        {k: v for k, v in PRESETS["default"].items() if k not in ("transfer_from", "mrcnn_iters")}
+    added = ("transfer_from", "mrcnn_iters", "mmdet_iters")
+    assert {k: v for k, v in PRESETS["full"].items() if k not in added} == \
+        {k: v for k, v in PRESETS["default"].items() if k not in added}
 
 
 def test_a_given_teacher_replaces_the_teacher_stage_and_feeds_every_student(teacher_ckpt, tmp_path):
