@@ -19,7 +19,7 @@ from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupte
 keep_tools_dir_off_path(__file__)
 
 # After the path fix: the library imports the distill package, which this folder's distill.py would shadow.
-from retro_transfer.checkpoints import CheckpointError  # noqa: E402
+from retro_transfer.safe_io import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

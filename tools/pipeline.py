@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from distill.config import ConfigError
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.pipeline.build import build_stages, finish
     from retro_transfer.pipeline.runner import Context, run_pipeline
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked

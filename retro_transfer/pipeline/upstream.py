@@ -18,7 +18,8 @@ import torch
 from distill.config import load_config
 from distill.engine import Trainer
 from distill.teacher_export import to_moco_v2_release
-from retro_transfer.checkpoints import load_encoder, safe_load, save_atomic
+from distill.checkpoint import load_encoder
+from retro_transfer.safe_io import safe_load, save_atomic
 from retro_transfer.data.shapes import CLASSES, ShapesConfig, generate
 
 from .runner import Context, Stage, save_json
