@@ -33,8 +33,6 @@ _SAFE_GLOBALS = [argparse.Namespace]
 class CheckpointError(Exception):
     """A checkpoint cannot be used; the message says what is wrong and how to fix it."""
 
-# --------------------------------------------------------------------------- reading and writing
-
 
 def safe_load(path: PathLike) -> dict:
     """Read a checkpoint with ``weights_only=True`` onto the CPU.
