@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from retro_transfer.checkpoints import safe_load
+from retro_transfer.safe_io import safe_load
 
 MIB = 2**20
 

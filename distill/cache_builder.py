@@ -26,7 +26,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from retro_transfer.checkpoints import load_teacher, remove_stale_temporaries, save_atomic
+from retro_transfer.safe_io import remove_stale_temporaries, save_atomic
+from retro_transfer.teacher_loading import load_teacher
 from retro_transfer.utils.progress import progress_bar
 from retro_transfer.utils.run_lock import LOCK_FILE
 

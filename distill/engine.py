@@ -23,13 +23,14 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from retro_transfer.checkpoints import CheckpointError, load_teacher, remove_stale_temporaries, safe_load, save_atomic
+from retro_transfer.safe_io import CheckpointError, remove_stale_temporaries, safe_load, save_atomic
+from retro_transfer.teacher_loading import load_teacher
 from retro_transfer.utils.run_lock import LOCK_FILE, lock_run_folder
 from retro_transfer.models import build_student
 from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
-from .common import DISTILL_FORMAT
+from .checkpoint import build_checkpoint, check_model_keys, check_resumable, restore_rng, rng_state
 from .config import Config, ConfigError, check_adapter_widths, check_queue_against_data, dump_yaml
 from .data import (
     MultiViewImages,
@@ -46,7 +47,6 @@ from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor
 from .teacher_cache import TeacherCache
 
-CHECKPOINT_VERSION = 1
 LAST = "checkpoint_last.pth"
 # What a run writes into output_dir (tools/pretrain_teacher.py adds checkpoint_last.pth.tar).
 RUN_FILES = ("checkpoint_*.pth*", "config.yaml", "log.jsonl", "tensorboard")
@@ -351,32 +351,6 @@ def _record_step(line: str) -> Optional[int]:
         return None
 
 
-def check_model_keys(method: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-    """Refuse, in one line, a checkpoint whose tensors are not this config's model (``load_state_dict`` would raise a page).
-
-    The one known case: Retro's averaged adapter (``adapter.ema``). A run
-    written with ``adapter.ema=false``, or before that key existed, holds no
-    ``adapter_ema.*`` tensors; it resumes exactly with ``adapter.ema=false``.
-    """
-    expected, held = set(method.state_dict()), set(state)
-    missing, unexpected = sorted(expected - held), sorted(held - expected)
-    if not missing and not unexpected:
-        return
-    if {key.split(".", 1)[0] for key in missing + unexpected} == {"adapter_ema"}:
-        written = "false (or before that key existed): its mean student averages the backbone only" if missing else (
-            "true: its mean student averages the adapter too"
-        )
-        raise CheckpointError(
-            f"{path} was written with adapter.ema={written}; resume it with adapter.ema={'false' if missing else 'true'}, "
-            "or start a new run in another output_dir"
-        )
-    shown = ", ".join([f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]])
-    raise CheckpointError(
-        f"{path} does not hold this config's model ({len(missing)} tensors missing, {len(unexpected)} unexpected: {shown}); "
-        "resume it with the config it was written with, or start a new run in another output_dir"
-    )
-
-
 class Trainer:
     """Runs one distillation: ``Trainer(cfg).fit()`` returns the final checkpoint's path."""
 
@@ -454,23 +428,10 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def state(self) -> Dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "format": DISTILL_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "method": self.cfg.method,
-            "student_arch": self.cfg.student.arch,
-            "teacher_arch": self.cfg.teacher.arch if self.method.teacher is not None else None,
-            "config": self.cfg.to_dict(),
-            "step": self.step,
-            "model": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-        }
+        """This run's checkpoint (:func:`distill.checkpoint.build_checkpoint`): what ``save`` writes and resume reads."""
+        return build_checkpoint(
+            self.cfg, self.method, self.step, self.optimizer, self.scheduler, self.scaler, rng_state(self.device)
+        )
 
     def save(self) -> Path:
         """Write ``checkpoint_last.pth`` atomically, on the main process; the state it replaces becomes numbered.
@@ -524,22 +485,13 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         ckpt = safe_load(path)
-        if ckpt.get("format") != DISTILL_FORMAT:
-            raise CheckpointError(f"{path} is not a distillation checkpoint of this project; cannot resume from it")
-        if ckpt["method"] != self.cfg.method or ckpt["student_arch"] != self.cfg.student.arch:
-            raise CheckpointError(
-                f"{path} is a {ckpt['method']} run of {ckpt['student_arch']}, but this config trains "
-                f"{self.cfg.method} on {self.cfg.student.arch}; use another output_dir or resume=null"
-            )
+        check_resumable(ckpt, path, self.cfg.method, self.cfg.student.arch)
         check_model_keys(self.method, ckpt["model"], path)
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        restore_rng(ckpt["rng"], self.device)
         self.step = int(ckpt["step"])
         self.last_saved = path
         if Path(path).resolve() == (self.out / LAST).resolve():

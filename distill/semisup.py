@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from retro_transfer.checkpoints import load_encoder
+from distill.checkpoint import load_encoder
 from retro_transfer.utils.progress import progress_bar
 
 from .evaluation import (

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from retro_transfer.checkpoints import CheckpointError, safe_load
+from retro_transfer.safe_io import CheckpointError, safe_load
 
 from .config import TEACHER_CACHE_MANIFEST, Config, ConfigError
 from .data import moco_v2_augmentation

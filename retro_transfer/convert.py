@@ -27,8 +27,11 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .checkpoints import CheckpointError, extract_student_state, infer_resnet_arch, safe_load
+from distill.checkpoint import extract_student_state
+
 from .models.students import HEAD_ONLY_PREFIXES
+from .safe_io import CheckpointError, safe_load
+from .teacher_loading import infer_resnet_arch
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -62,7 +65,7 @@ def _split(state: Mapping[str, torch.Tensor], prefixes) -> tuple:
 
 
 def _from_distill(ckpt: Dict, path: str) -> BackboneSource:
-    arch, state, dropped = extract_student_state(ckpt)
+    arch, state, dropped = extract_student_state(ckpt, path)
     state, head_only = _split(state, HEAD_ONLY_PREFIXES)
     if head_only:
         dropped["student conv_head (distillation width, not a backbone stage)"] = len(head_only)

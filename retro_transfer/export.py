@@ -36,8 +36,10 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoints import load_student, write_failure
+from distill.checkpoint import load_student
+
 from .models.students import Student
+from .safe_io import write_failure
 
 PathLike = Union[str, os.PathLike]
 

@@ -17,7 +17,7 @@ from typing import Union
 
 from mmengine.fileio.backends import LocalBackend, register_backend
 
-from retro_transfer.checkpoints import save_atomic
+from retro_transfer.safe_io import save_atomic
 
 
 class AtomicLocalBackend(LocalBackend):

@@ -20,7 +20,7 @@ from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.modeling.backbone.resnet import build_resnet_backbone  # noqa: E402
 
-from retro_transfer.checkpoints import DISTILL_FORMAT  # noqa: E402
+from distill.common import DISTILL_FORMAT  # noqa: E402
 from retro_transfer.d2 import (  # noqa: E402
     ConfigError,
     IncompatibleWeightsError,

@@ -25,7 +25,8 @@ from pycocotools import mask as mask_utils
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
-from retro_transfer.checkpoints import DISTILL_FORMAT, save_atomic
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import save_atomic
 from retro_transfer.cli import resolve_config
 from retro_transfer.convert import read_backbone
 from retro_transfer.d2 import RetroCheckpointer, load_config, register_shapes, save_d2, to_detectron2

@@ -25,7 +25,8 @@ import pytest
 import torch
 import torchvision
 
-from retro_transfer.checkpoints import load_teacher, safe_load
+from retro_transfer.safe_io import safe_load
+from retro_transfer.teacher_loading import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 DISTILL = REPO / "tools" / "distill.py"

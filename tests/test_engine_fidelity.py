@@ -17,7 +17,8 @@ from distill.config import ConfigError, load_config
 from distill.data import MultiViewImages, decode_all, list_images, moco_v2_augmentation
 from distill.engine import Trainer, convert_sync_batchnorm, lr_factor, resolve_bn_splits
 from distill.evaluation import eval_transform, extract_features, image_folder, knn_classify, make_loader
-from retro_transfer.checkpoints import load_encoder, safe_load
+from distill.checkpoint import load_encoder
+from retro_transfer.safe_io import safe_load
 from retro_transfer.models import build_student
 
 

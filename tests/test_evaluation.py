@@ -306,7 +306,7 @@ def test_linear_eval_cli_end_to_end(shapes_root, teacher_checkpoint, tmp_path, c
 @pytest.fixture(scope="module")
 def retro_checkpoint(tmp_path_factory):
     """A Retro-style distillation checkpoint: ResNet-18 student body and a (narrow, 64-d) bottleneck adapter."""
-    from retro_transfer.checkpoints import DISTILL_FORMAT
+    from distill.common import DISTILL_FORMAT
     from retro_transfer.models.adapters import BottleneckAdapter
     from retro_transfer.models.students import Student
 

@@ -20,7 +20,8 @@ import timm
 import torch
 import torchvision
 
-from retro_transfer.checkpoints import DISTILL_FORMAT, load_student
+from distill.checkpoint import load_student
+from distill.common import DISTILL_FORMAT
 from retro_transfer.export import ExportError, check_outputs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -445,7 +445,7 @@ def test_ctrl_c_during_a_distillation_is_one_line_naming_the_checkpoint_and_how_
     line = one_line(err.split("\r")[-1])  # the progress bar, when shown, redraws with carriage returns
     assert run.returncode == 130 and "interrupted: stopped at step" in line, err[-2000:]
     assert f"the last checkpoint is {out / 'checkpoint_last.pth'}" in line and "resume=auto" in line, line
-    from retro_transfer.checkpoints import safe_load
+    from retro_transfer.safe_io import safe_load
 
     assert safe_load(out / "checkpoint_last.pth")["step"] >= 1
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -14,7 +14,7 @@ from distill.losses import consistency_mse, info_nce, seed_loss, similarity_logi
 from distill.methods.base import unit
 from distill.methods import METHODS, SEED, DisCo, MoCoV2, Retro
 from distill.queue import EmbeddingQueue
-from retro_transfer.checkpoints import load_teacher
+from retro_transfer.teacher_loading import load_teacher
 from retro_transfer.models import build_student, build_teacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "distill"

@@ -18,7 +18,8 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import retro_transfer.mmdet  # noqa: F401  (registers the backbone in MMDetection)
-from retro_transfer.checkpoints import DISTILL_FORMAT, save_atomic
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import save_atomic
 from retro_transfer.models.students import Student
 from retro_transfer.pipeline import stats
 from tool_helpers import load_tool, one_thread  # noqa: F401

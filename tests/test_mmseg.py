@@ -22,7 +22,8 @@ from mmengine.registry import init_default_scope
 from mmseg.registry import DATASETS, MODELS
 
 import retro_transfer.mmseg  # noqa: F401  (registers the backbone and data sets)
-from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError, save_atomic
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import CheckpointError, save_atomic
 from retro_transfer.mmseg import launch
 from retro_transfer.mmseg.backbones import MMSEG_FORMAT, StudentBackbone
 from retro_transfer.mmseg.safe_globals import allow_runner_checkpoints, runner_checkpoint_globals

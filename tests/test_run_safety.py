@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError, load_config
-from retro_transfer.checkpoints import safe_load
+from retro_transfer.safe_io import safe_load
 from test_engine import PRETRAIN, Run, check_ok, distill_args, run_all, toy
 
 CONFIG = "shapes_moco_v2_effb0.yaml"
@@ -357,7 +357,7 @@ def test_a_retro_run_without_the_averaged_adapter_resumes_only_as_it_was_written
     check_ok(resumed)
     assert safe_load(old / "checkpoint_last.pth")["step"] == 3
 
-    from retro_transfer.checkpoints import load_encoder
+    from distill.checkpoint import load_encoder
 
     model = safe_load(new / "checkpoint_last.pth")["model"]
     encoder, info = load_encoder(new / "checkpoint_last.pth", which="adapter")

@@ -26,7 +26,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_voc_instances, register_coco_instances
 
 import retro_transfer.mmseg  # noqa: F401  (registers the backbone and data sets)
-from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError, safe_load
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import CheckpointError, safe_load
 from retro_transfer.d2 import ConfigError, DatasetError, check_datasets, load_config, register_shapes
 from retro_transfer.d2.data import load_voc
 from retro_transfer.d2.pickles import load_weights_pickle

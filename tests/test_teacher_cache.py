@@ -40,7 +40,8 @@ from distill.data import MultiViewImages, StepBatchSampler, list_images, moco_v2
 from distill.engine import Trainer
 from distill.methods import METHODS
 from distill.teacher_cache import TeacherCache, decode, encode, read_manifest, shard_name, shard_record
-from retro_transfer.checkpoints import CheckpointError, load_teacher, safe_load
+from retro_transfer.safe_io import CheckpointError, safe_load
+from retro_transfer.teacher_loading import load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4

@@ -24,7 +24,8 @@ from distill import config as distill_config
 from distill.config import load_config
 from distill.common import DISTILL_FORMAT
 from distill.engine import Trainer, build_method
-from retro_transfer.checkpoints import CheckpointError, load_teacher, safe_load
+from retro_transfer.safe_io import CheckpointError, safe_load
+from retro_transfer.teacher_loading import load_teacher
 from retro_transfer.teacher_families import FAMILIES
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

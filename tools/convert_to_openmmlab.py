@@ -41,7 +41,7 @@ def build_parser() -> OneLineErrorParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from retro_transfer.checkpoints import CheckpointError, save_atomic
+    from retro_transfer.safe_io import CheckpointError, save_atomic
     from retro_transfer.convert import ConversionError, check_output, read_backbone, report
     from retro_transfer.mmseg.conversion import to_mmseg
 

@@ -14,10 +14,10 @@ import sys
 
 from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
 
-# Before any import of distill: retro_transfer.checkpoints imports distill.common.
+# Before any import of the library, which imports the distill package that this folder's distill.py would shadow.
 keep_tools_dir_off_path(__file__)
 
-from retro_transfer.checkpoints import CheckpointError  # noqa: E402
+from retro_transfer.safe_io import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):

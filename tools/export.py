@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     if args.image_size < 8:
         parser.error(f"--image-size must be at least 8, got {args.image_size}")
     check_checkpoint_file(args.checkpoint)
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.convert import ConversionError, check_output
     from retro_transfer.export import ExportError, export_student
 

@@ -50,7 +50,8 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _load(checkpoint: str, which: str):
     """The frozen encoder and its info; checkpoint problems become one-line errors."""
-    from retro_transfer.checkpoints import CheckpointError, load_encoder
+    from distill.checkpoint import load_encoder
+    from retro_transfer.safe_io import CheckpointError
 
     check_checkpoint_file(checkpoint)
     try:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         fail("--teacher and --teacher-recipe exclude each other: a given teacher is not trained; drop one of them")
 
     from distill.config import ConfigError
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.pipeline.build import build_stages, finish
     from retro_transfer.pipeline.runner import Context, run_pipeline
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked

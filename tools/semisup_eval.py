@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     check_results_free(args)
     import distill.evaluation as ev  # after argument errors: importing torch takes seconds
     from distill.semisup import finetune_semisup
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
 
     try:
         ev.resolve_device(args.device)

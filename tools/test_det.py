@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.checkpoints import CheckpointError, save_atomic
+    from retro_transfer.safe_io import CheckpointError, save_atomic
     from retro_transfer.compat.detection_ops import CompiledOpMissing
     from retro_transfer.mmdet import launch
 

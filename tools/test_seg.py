@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.mmseg import launch
 
     try:

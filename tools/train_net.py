@@ -113,7 +113,7 @@ def check_output_dir_free(cfg, args) -> None:
 
 
 def main(args):
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.d2 import ConfigError, DatasetError, IncompatibleWeightsError, RetroCheckpointer
     from retro_transfer.d2.train import RetroTrainer as Trainer
 

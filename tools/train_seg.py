@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.eval_only and (args.resume or args.amp):
         fail("--eval-only does not train: drop --resume/--amp")
 
-    from retro_transfer.checkpoints import CheckpointError
+    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.mmseg import launch
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from ..checkpoints import CheckpointError
+from ..safe_io import CheckpointError
 
 _MULTIARRAY = getattr(np, "_core", None) or np.core  # numpy >= 2 names it _core
 _NUMERIC = _MULTIARRAY.numeric

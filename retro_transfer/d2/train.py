@@ -9,7 +9,7 @@ from typing import Optional
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 
-from ..checkpoints import CheckpointError
+from ..safe_io import CheckpointError
 from ..utils.device import Workload, cpu_warning
 from ..utils.quiet import DropInfo, quiet_console
 from .data import build_evaluator, training_records

@@ -39,7 +39,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, ResNet
 from detectron2.modeling.backbone.resnet import BottleneckBlock, build_resnet_backbone
 
-from ..checkpoints import DISTILL_FORMAT, RESNET_LAYOUTS, CheckpointError, safe_load, save_atomic
+from distill.common import DISTILL_FORMAT
+
+from ..safe_io import CheckpointError, safe_load, save_atomic
+from ..teacher_loading import RESNET_LAYOUTS
 from ..convert import BackboneSource, ConversionError, check_complete
 from .backbone import TimmBackbone, feature_levels
 from .config import ConfigError

@@ -19,7 +19,8 @@ from mmengine.config import Config, ConfigDict
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
-from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError, safe_load
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import CheckpointError, safe_load
 from retro_transfer.mmseg import launch as _openmmlab
 from retro_transfer.mmseg.backbones import MMSEG_FORMAT, not_converted_message
 from retro_transfer.mmseg.checks import DataError, checkpoint_to_load

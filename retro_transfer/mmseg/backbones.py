@@ -33,7 +33,8 @@ from mmengine.model.weight_init import initialize, update_init_info
 from mmseg.registry import MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError, safe_load
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import CheckpointError, safe_load
 
 PREFIX = "body."
 """Where the timm network sits in :class:`StudentBackbone`, and so in converted checkpoints."""

@@ -21,7 +21,8 @@ from mmengine.config import Config, ConfigDict
 from mmengine.model import is_model_wrapper
 from PIL import Image, UnidentifiedImageError
 
-from retro_transfer.checkpoints import DISTILL_FORMAT, CheckpointError
+from distill.common import DISTILL_FORMAT
+from retro_transfer.safe_io import CheckpointError
 
 from .backbones import MMSEG_FORMAT
 

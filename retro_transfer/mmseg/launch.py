@@ -17,7 +17,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from retro_transfer.checkpoints import CheckpointError, safe_load
+from retro_transfer.safe_io import CheckpointError, safe_load
 from retro_transfer.openmmlab_config import read_config
 from retro_transfer.openmmlab_files import AtomicLocalBackend  # noqa: F401  (checkpoints written atomically)
 from retro_transfer.utils.device import Workload, cpu_warning

@@ -38,7 +38,7 @@ def mmseg_weights_file(ctx: Context, method: str) -> Path:
 
 def _convert(method: str):
     def run(ctx: Context, folder: Path) -> Dict:
-        from retro_transfer.checkpoints import save_atomic
+        from retro_transfer.safe_io import save_atomic
         from retro_transfer.d2.weights import save_d2, to_detectron2
         from retro_transfer.mmseg.conversion import to_mmseg
 

@@ -62,7 +62,7 @@ def read_record(folder: Path) -> Optional[Dict]:
 
 def save_json(obj, path: Path) -> None:
     """Write JSON atomically (a crash leaves the old file or the new one, never half of one)."""
-    from retro_transfer.checkpoints import save_atomic
+    from retro_transfer.safe_io import save_atomic
 
     save_atomic(obj, path, dump=lambda o, f: f.write((json.dumps(o, indent=2, sort_keys=True) + "\n").encode()))
 

@@ -18,7 +18,8 @@ import torch
 from distill.config import load_config
 from distill.engine import Trainer
 from distill.teacher_export import to_moco_v2_release
-from retro_transfer.checkpoints import load_encoder, safe_load, save_atomic
+from distill.checkpoint import load_encoder
+from retro_transfer.safe_io import safe_load, save_atomic
 from retro_transfer.data.shapes import CLASSES, ShapesConfig, generate
 
 from .runner import Context, Stage, save_json
@@ -161,7 +162,8 @@ def describe_teacher(path: Path) -> Dict:
     The demo builds the teacher's random-init floor with timm, so the teacher
     must be one of the torchvision ResNets both know (not a widened ResNet).
     """
-    from retro_transfer.checkpoints import CheckpointError, load_teacher
+    from retro_transfer.safe_io import CheckpointError
+    from retro_transfer.teacher_loading import load_teacher
 
     teacher, report = load_teacher(path, require_head=True)
     if teacher.arch not in DEMO_TEACHER_ARCHS:
