@@ -8,7 +8,6 @@ entries and checks the files a run needs before it spends minutes starting.
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
@@ -195,7 +194,7 @@ def name_this_run(cfg: Config) -> Config:
     """
     if not cfg.get("experiment_name"):
         stem = Path(cfg.filename).stem if cfg.filename else "run"
-        cfg.experiment_name = f"{stem}_{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:8]}"
+        cfg.experiment_name = f"{stem}_{uuid.uuid4().hex[:8]}"  # the Runner appends its start time
     if cfg.get("visualizer"):
         cfg.visualizer.name = cfg.experiment_name
     return cfg
