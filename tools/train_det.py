@@ -20,13 +20,11 @@ GPUs: ``torchrun --nproc_per_node=N tools/train_det.py CONFIG --launcher pytorch
 """
 
 import argparse
-import json
-import os
 import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -52,50 +50,12 @@ def build_parser() -> OneLineErrorParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    if args.checkpoint and not args.eval_only:
-        fail("--checkpoint is for --eval-only; to continue training from a checkpoint use --resume CHECKPOINT")
-    if args.eval_only and (args.resume or args.amp):
-        fail("--eval-only does not train: drop --resume/--amp")
-
-    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.compat.detection_ops import CompiledOpMissing
     from retro_transfer.mmdet import launch
-    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
+    from retro_transfer.mmseg.launch import train_or_evaluate
 
-    cfg = None
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        with run_folder_locked(cfg.work_dir, "work dir"):
-            return run(args, cfg, launch)
-    except KeyboardInterrupt:
-        if cfg is None or args.eval_only:
-            interrupted("stopped before any training; nothing was written")
-        interrupted(launch.stopped_at(cfg.work_dir))
-    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing, RunFolderError) as e:
-        fail(str(e))
+    return train_or_evaluate(args, launch, errors=(CompiledOpMissing,))
 
-
-def run(args, cfg, launch) -> int:
-    """Evaluate, or train (new or resumed), in the locked work dir."""
-    if args.eval_only:
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-        print(json.dumps(metrics, sort_keys=True, default=float))
-        return 0
-    if args.amp:
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--amp needs a GPU")
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.loss_scale = "dynamic"
-    if not args.resume and launch.work_dir_holds_run(cfg):
-        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
-             "or give another --work-dir")
-    launch.set_resume(cfg, args.resume)
-    launch.train(cfg)
-    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,13 +25,11 @@ in those formats, is read as data only: a Python tag in it is refused.
 """
 
 import argparse
-import json
-import os
 import sys
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, interrupted, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -61,52 +59,10 @@ def build_parser() -> OneLineErrorParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    if args.checkpoint and not args.eval_only:
-        fail("--checkpoint is for --eval-only; to continue training from a checkpoint use --resume CHECKPOINT")
-    if args.eval_only and (args.resume or args.amp):
-        fail("--eval-only does not train: drop --resume/--amp")
-
-    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.mmseg import launch
-    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
-    cfg = None
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        with run_folder_locked(cfg.work_dir, "work dir"):
-            return run(args, cfg, launch)
-    except KeyboardInterrupt:
-        if cfg is None or args.eval_only:
-            interrupted("stopped before any training; nothing was written")
-        interrupted(launch.stopped_at(cfg.work_dir))
-    except (CheckpointError, FileNotFoundError, ValueError, RunFolderError) as e:
-        fail(str(e))
-
-
-def run(args, cfg, launch) -> int:
-    """Evaluate, or train (new or resumed), in the locked work dir."""
-    if args.eval_only:
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint), verbose=args.verbose)
-        print(json.dumps(metrics, sort_keys=True, default=float))
-        return 0
-    if args.amp:
-        import torch
-
-        if not torch.cuda.is_available():
-            fail("--amp needs a GPU")
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.loss_scale = "dynamic"
-    if not args.resume and os.path.isfile(os.path.join(cfg.work_dir, "last_checkpoint")):
-        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
-             "or give another --work-dir")
-    launch.set_resume(cfg, args.resume)
-    warning = launch.cpu_workload_warning(cfg)
-    if warning:
-        print(warning, flush=True)
-    launch.train(cfg, verbose=args.verbose)
-    return 0
+    return launch.train_or_evaluate(args, launch, run_options={"verbose": args.verbose},
+                                    workload_warning=launch.cpu_workload_warning)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os.path as osp
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
@@ -23,13 +23,14 @@ from distill.common import DISTILL_FORMAT
 from retro_transfer.safe_io import CheckpointError, safe_load
 from retro_transfer.mmseg import launch as _openmmlab
 from retro_transfer.mmseg.backbones import MMSEG_FORMAT, not_converted_message
-from retro_transfer.mmseg.checks import DataError, checkpoint_to_load
+from retro_transfer.mmseg.checks import DataError, build_listed_dataset, checkpoint_to_load
 
 # The steps shared with the segmentation tools, under the names the detection tools use.
 check_pretrained = _openmmlab.check_pretrained
 set_resume = _openmmlab.set_resume
 resolve_checkpoint = _openmmlab.resolve_checkpoint
 stopped_at = _openmmlab.stopped_at
+work_dir_holds_run = _openmmlab.work_dir_holds_run
 
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 _EVALUATORS = {"val_dataloader": "val_evaluator", "test_dataloader": "test_evaluator"}
@@ -108,13 +109,7 @@ def _check_leaf(dataset: Mapping, where: str) -> None:
 def _build(dataset_cfg: Mapping, where: str):
     from mmdet.registry import DATASETS
 
-    cfg = ConfigDict(dict(dataset_cfg))
-    cfg.pipeline = []  # the transforms are not needed to list the samples
-    try:
-        return DATASETS.build(cfg)
-    except Exception as e:  # a malformed JSON/XML surfaces as JSONDecodeError, ParseError, KeyError, AssertionError...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{where} ({cfg.get('type')}) cannot be read: {detail}") from None
+    return build_listed_dataset(DATASETS, "mmdet", dataset_cfg, where)
 
 
 def check_loader_data(cfg: Config, loader: str) -> int:
@@ -224,7 +219,3 @@ def test(cfg: Config, checkpoint: str) -> dict:
     check_data(cfg, ["test_dataloader"])
     return dict(_runner(cfg).test())
 
-
-def work_dir_holds_run(cfg: Config) -> bool:
-    """A previous run wrote checkpoints here (MMEngine's ``last_checkpoint`` marker)."""
-    return Path(cfg.work_dir, "last_checkpoint").is_file()

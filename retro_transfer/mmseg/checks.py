@@ -109,16 +109,30 @@ def _check_sample(info: Mapping, num_classes: int) -> Optional[str]:
     return None
 
 
+def build_listed_dataset(registry, scope: str, dataset_cfg: Mapping, where: str):
+    """The dataset ``dataset_cfg`` describes, without its transforms (listing the samples needs none).
+
+    Built in ``scope`` (``mmseg``, ``mmdet``) whatever the process's default
+    scope: a run of the other toolbox in this process (a pipeline stage, a
+    test) leaves its own behind, and the dataset type would not be found.
+    A folder or annotation file that cannot be read is a one-line DataError.
+    """
+    from mmengine.registry import DefaultScope
+
+    cfg = ConfigDict(dict(dataset_cfg))
+    cfg.pipeline = []
+    try:
+        with DefaultScope.overwrite_default_scope(scope):
+            return registry.build(cfg)
+    except Exception as e:  # a bad folder or file surfaces as AssertionError, FileNotFoundError, KeyError, ParseError...
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{where} ({cfg.get('type')}) cannot be read: {detail}") from None
+
+
 def _build(dataset_cfg: Mapping, where: str):
     from mmseg.registry import DATASETS
 
-    cfg = ConfigDict(dict(dataset_cfg))
-    cfg.pipeline = []  # the transforms are not needed to list the samples
-    try:
-        return DATASETS.build(cfg)
-    except Exception as e:  # MMEngine reports a bad folder as AssertionError, FileNotFoundError, KeyError...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{where} ({cfg.get('type')}) cannot be read: {detail}") from None
+    return build_listed_dataset(DATASETS, "mmseg", dataset_cfg, where)
 
 
 def check_loader_data(cfg: Config, loader: str, workers: int = 8) -> int:

@@ -7,10 +7,11 @@ entries and checks the files a run needs before it spends minutes starting.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 import torch
 from mmengine.config import Config
@@ -258,3 +259,65 @@ def stopped_at(work_dir: str) -> str:
     if last is None:
         return f"stopped before the first checkpoint in {work_dir}; run the same command again to start over"
     return f"the last checkpoint is {last}: continue with the same command and --resume"
+
+
+def work_dir_holds_run(cfg: Config) -> bool:
+    """A previous run wrote checkpoints here (MMEngine's ``last_checkpoint`` marker)."""
+    return Path(cfg.work_dir, "last_checkpoint").is_file()
+
+
+def train_or_evaluate(args, toolbox, errors: Tuple[type, ...] = (), run_options: Optional[dict] = None,
+                      workload_warning: Optional[Callable[[Config], Optional[str]]] = None) -> int:
+    """What tools/train_seg.py and tools/train_det.py do with their arguments, in either toolbox.
+
+    ``toolbox`` is this module or :mod:`retro_transfer.mmdet.launch`. The
+    arguments are checked, the config read, its work dir held under the run lock, then a checkpoint is
+    evaluated (``--eval-only``, metrics printed as one JSON line) or training
+    starts, new or resumed. ``run_options`` go to the toolbox's ``train`` and
+    ``test``; ``workload_warning(cfg)`` may print one line before training.
+    A refusal (``errors`` adds the toolbox's own) is one line, and Ctrl-C says
+    where the run stopped.
+    """
+    from retro_transfer.cli import fail, interrupted
+    from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
+
+    if "LOCAL_RANK" not in os.environ:  # torch.distributed.launch passes --local_rank instead
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    if args.checkpoint and not args.eval_only:
+        fail("--checkpoint is for --eval-only; to continue training from a checkpoint use --resume CHECKPOINT")
+    if args.eval_only and (args.resume or args.amp):
+        fail("--eval-only does not train: drop --resume/--amp")
+    cfg = None
+    try:
+        cfg = toolbox.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
+        with run_folder_locked(cfg.work_dir, "work dir"):
+            return _train_or_evaluate(args, cfg, toolbox, run_options or {}, workload_warning)
+    except KeyboardInterrupt:
+        if cfg is None or args.eval_only:
+            interrupted("stopped before any training; nothing was written")
+        interrupted(toolbox.stopped_at(cfg.work_dir))
+    except (CheckpointError, FileNotFoundError, ValueError, RunFolderError, *errors) as e:
+        fail(str(e))
+
+
+def _train_or_evaluate(args, cfg: Config, toolbox, options: dict, workload_warning) -> int:
+    from retro_transfer.cli import fail
+
+    if args.eval_only:
+        metrics = toolbox.test(cfg, toolbox.resolve_checkpoint(cfg, args.checkpoint), **options)
+        print(json.dumps(metrics, sort_keys=True, default=float))
+        return 0
+    if args.amp:
+        if not torch.cuda.is_available():
+            fail("--amp needs a GPU")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.loss_scale = "dynamic"
+    if not args.resume and toolbox.work_dir_holds_run(cfg):
+        fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
+             "or give another --work-dir")
+    toolbox.set_resume(cfg, args.resume)
+    warning = workload_warning(cfg) if workload_warning else None
+    if warning:
+        print(warning, flush=True)
+    toolbox.train(cfg, **options)
+    return 0
