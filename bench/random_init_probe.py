@@ -20,7 +20,7 @@ from retro_transfer.pipeline.runner import save_json
 from retro_transfer.pipeline.upstream import evaluate_frozen, random_encoder
 
 
-def main(argv=None) -> int:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
     parser.add_argument("--archs", nargs="+", default=["resnet18", "efficientnet_b0"])
@@ -28,6 +28,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("bench/results/random_init.json"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.data / "train").is_dir():
         parser.error(f"{args.data}/train not found: pass the classification folder of a shapes data set (make_shapes.py --out DIR writes DIR/classification)")
@@ -35,9 +40,9 @@ def main(argv=None) -> int:
     rows = []
     for arch in args.archs:
         for seed in args.seeds:
-            result = evaluate_frozen(random_encoder(arch, seed), args.data, args.image_size, args.k, seed)
-            result.pop("per_image")
-            rows.append({"arch": arch, "seed": seed, **result})
+            encoder = random_encoder(arch, seed)
+            result = evaluate_frozen(encoder, args.data, args.image_size, args.k, seed)
+            rows.append({"arch": arch, "seed": seed, "dim": encoder.num_features, **result})  # per_image: for intervals
     print(f"| arch | seed | k-NN top-1 | linear top-1 | chosen weight decay |  ({rows[0]['num_val']} val images, {args.image_size} px)")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -8,6 +8,7 @@ Only that message is filtered.
 
 import argparse
 import difflib
+import importlib.util
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +18,9 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 """The repository's ``configs/`` folder, where bare config names are looked up."""
+
+REPOSITORY = CONFIGS.parent
+"""The repository root: ``tools/``, ``bench/`` and ``configs/`` are read from here."""
 
 CONFIG_KINDS = {"detection": ".yaml", "distill": ".yaml", "teacher": ".yaml", "segmentation": ".py", "mmdet": ".py"}
 
@@ -36,6 +40,26 @@ def interrupted(where: str) -> NoReturn:
     nothing needs repair, and the user needs only the way back in.
     """
     fail(f"interrupted: {where}", code=130)
+
+
+def load_tool(script: str):
+    """A script of the repository (``tools/train_net.py``) as a module, to call its ``build_parser`` or ``main``.
+
+    Its module name is its path with the separators replaced, so that
+    ``tools/distill.py`` never stands in for the ``distill`` package; a script
+    loaded once is reused, as an imported module would be.
+    """
+    name = "_script_" + script.replace("/", "_").replace(".", "_")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPOSITORY / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -297,7 +297,7 @@ def test_c4_is_refused_for_small_resnets_and_timm_students():
 
 @pytest.mark.parametrize("short", list(STUDENTS))
 def test_a_few_iterations_on_shapes_voc(short, converted, train_tool, shapes_root, tmp_path, capsys):
-    args = train_tool.parser().parse_args(
+    args = train_tool.build_parser().parse_args(
         ["--config-file", str(CONFIGS / f"shapes_frcnn_{short}.yaml"), "MODEL.WEIGHTS", str(converted[short]),
          "DATASETS.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(tmp_path), "SEED", "0",
          "SOLVER.MAX_ITER", "8", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.02", "SOLVER.WARMUP_ITERS", "0",
@@ -329,7 +329,7 @@ def test_command_line_train_then_eval_only(converted, train_tool, shapes_root, t
     assert "copypaste: AP,AP50,AP75" in run.stdout + run.stderr
     final = tmp_path / "model_final.pth"
     assert final.is_file()
-    args = train_tool.parser().parse_args([*config_file, "--eval-only", "MODEL.WEIGHTS", str(final), *small])
+    args = train_tool.build_parser().parse_args([*config_file, "--eval-only", "MODEL.WEIGHTS", str(final), *small])
     results = train_tool.main(args)
     assert set(results["bbox"]) == {"AP", "AP50", "AP75"}
 
@@ -385,7 +385,7 @@ def test_a_tensor_that_would_be_dropped_fails_the_conversion(convert_tool, tmp_p
 
 
 def test_file_for_another_architecture_is_refused_on_load(converted, train_tool, shapes_root, tmp_path, capsys):
-    args = train_tool.parser().parse_args(
+    args = train_tool.build_parser().parse_args(
         ["--config-file", str(CONFIGS / "shapes_frcnn_mbv3.yaml"), "MODEL.WEIGHTS", str(converted["effb0"]),
          "DATASETS.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(tmp_path), "DATALOADER.NUM_WORKERS", "0"]
     )  # fmt: skip
@@ -420,13 +420,13 @@ def test_resnet_depth_and_group_norm_mismatches_are_refused(converted):
 
 
 def test_missing_data_sets_are_named(train_tool, tmp_path, capsys):
-    args = train_tool.parser().parse_args(
+    args = train_tool.build_parser().parse_args(
         ["--config-file", str(CONFIGS / "shapes_frcnn_r18.yaml"), "DATASETS.SHAPES_ROOT", str(tmp_path / "nowhere")]
     )
     with pytest.raises(SystemExit):
         train_tool.setup(args)
     assert "make_shapes.py" in capsys.readouterr().err
-    args = train_tool.parser().parse_args(["--config-file", str(CONFIGS / "voc_frcnn_r18.yaml")])
+    args = train_tool.build_parser().parse_args(["--config-file", str(CONFIGS / "voc_frcnn_r18.yaml")])
     with pytest.raises(SystemExit):
         train_tool.setup(args)
     assert "DETECTRON2_DATASETS" in capsys.readouterr().err

@@ -97,14 +97,14 @@ def test_config_names_resolve_for_every_kind(tmp_path, monkeypatch):
 def test_tools_take_config_names(capsys):
     train_net = load_tool("train_net")
     for flag in ("--config", "--config-file"):
-        args = train_net.parser().parse_args([flag, "shapes_frcnn_r18"])
+        args = train_net.build_parser().parse_args([flag, "shapes_frcnn_r18"])
         assert Path(args.config_file) == CONFIGS / "detection" / "shapes_frcnn_r18.yaml"
-    line = error_of(lambda: train_net.parser().parse_args(["--config", "voc_frcnn_efb0.yaml"]), capsys)
+    line = error_of(lambda: train_net.build_parser().parse_args(["--config", "voc_frcnn_efb0.yaml"]), capsys)
     assert "closest: voc_frcnn_effb0.yaml" in line
 
     distill = load_tool("distill")
-    assert Path(distill.parse_args(["--config", "retro_effb0_r50"]).config).name == "retro_effb0_r50.yaml"
-    assert "closest: retro_effb0_r50.yaml" in error_of(lambda: distill.parse_args(["--config", "retro_efb0_r50"]),
+    assert Path(distill.build_parser().parse_args(["--config", "retro_effb0_r50"]).config).name == "retro_effb0_r50.yaml"
+    assert "closest: retro_effb0_r50.yaml" in error_of(lambda: distill.build_parser().parse_args(["--config", "retro_efb0_r50"]),
                                                          capsys)
     teacher = load_tool("pretrain_teacher")
     assert "closest: shapes_moco_v2_r50.yaml" in error_of(lambda: teacher.main(["--config", "shapes_moco_r50"]),
@@ -156,7 +156,7 @@ def mask_rcnn_args(shapes_root, out, weights, iters=4):
 
 def test_mask_rcnn_trains_from_a_converted_student_with_box_and_mask_ap(d2_files, shapes_root, tmp_path):
     train_net = load_tool("train_net")
-    args = train_net.parser().parse_args(mask_rcnn_args(shapes_root, tmp_path, d2_files["resnet18"]))
+    args = train_net.build_parser().parse_args(mask_rcnn_args(shapes_root, tmp_path, d2_files["resnet18"]))
     results = train_net.main(args)
     for task in ("bbox", "segm"):
         assert all(math.isfinite(results[task][name]) for name in ("AP", "AP50", "AP75")), results
@@ -181,7 +181,7 @@ def test_pipeline_mask_rcnn_stage_runs_in_the_full_preset(shapes_root, tmp_path,
     monkeypatch.chdir(ROOT)  # the pipeline names its configs from the repository root
     folder = ctx.folder("mrcnn_random")
     folder.mkdir()
-    metrics = stages["mrcnn_random"].run(ctx, folder)
+    metrics = stages["mrcnn_random"].run(ctx, folder, stages["mrcnn_random"].calls(ctx, folder))
     assert metrics["init"] == "random" and metrics["iters"] == 3
     assert all(math.isfinite(metrics[f"{p}_{n}"]) for p in ("box", "mask") for n in ("AP", "AP50", "AP75"))
     assert "--config-file configs/detection/shapes_mrcnn_effb0.yaml" in stages["mrcnn_random"].command(ctx, folder)
@@ -290,7 +290,7 @@ def test_a_new_training_run_never_writes_over_another(shapes_root, tmp_path, cap
     held.mkdir()
     (held / "last_checkpoint").write_text("model_0000009.pth")
     train_net = load_tool("train_net")
-    args = train_net.parser().parse_args(
+    args = train_net.build_parser().parse_args(
         ["--config", "shapes_frcnn_r18", "MODEL.WEIGHTS", "", "DATASETS.SHAPES_ROOT", str(shapes_root), "OUTPUT_DIR", str(held)]
     )
     message = error_of(lambda: train_net.setup(args), capsys)

@@ -63,7 +63,7 @@ def forget_shapes() -> None:
 def test_shapes_flag_points_a_recipe_at_the_shapes_data(shapes_root, tmp_path, config, train, test):
     """--shapes DIR: the shapes data sets, its 7 classes and 64 px images; the recipe's model and schedule stay."""
     train_net = load_tool("train_net")
-    args = train_net.parser().parse_args(["--config", config, "--shapes", str(shapes_root), "MODEL.WEIGHTS", "",
+    args = train_net.build_parser().parse_args(["--config", config, "--shapes", str(shapes_root), "MODEL.WEIGHTS", "",
                                           "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "out")])
     forget_shapes()
     cfg = train_net.setup(args)
@@ -86,7 +86,7 @@ def test_overrides_after_shapes_still_win(shapes_root):
 def test_missing_voc_says_how_to_use_the_shapes_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     train_net = load_tool("train_net")
-    args = train_net.parser().parse_args(["--config", "voc_frcnn_effb0", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+    args = train_net.build_parser().parse_args(["--config", "voc_frcnn_effb0", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
                                           "OUTPUT_DIR", str(tmp_path / "out")])
     message = error_of(lambda: train_net.setup(args), capsys)
     assert "voc_2007" in message and "make_shapes.py --out DIR" in message and "--shapes DIR" in message, message

@@ -117,7 +117,7 @@ def d2_args(shapes_root, out, *extra):
 
 def train_net(tools, argv, capsys):
     tool = tools["train_net"]
-    return run(lambda a: tool.main(tool.parser().parse_args(a)), argv, capsys)
+    return run(lambda a: tool.main(tool.build_parser().parse_args(a)), argv, capsys)
 
 
 def evil_pkl(path: Path, marker: Path) -> Path:
@@ -235,7 +235,7 @@ def test_weights_that_leave_the_backbone_random_are_refused(tools, r18_files, sh
     # Forgetting MODEL.WEIGHTS is refused; MODEL.WEIGHTS '' asks for random initialisation.
     code, err = train_net(tools, d2_args(shapes_root, tmp_path / "c"), capsys)
     assert code == 2 and "MODEL.WEIGHTS ''" in one_line(err)
-    args = tools["train_net"].parser().parse_args(d2_args(shapes_root, tmp_path / "d") + ["MODEL.WEIGHTS", ""])
+    args = tools["train_net"].build_parser().parse_args(d2_args(shapes_root, tmp_path / "d") + ["MODEL.WEIGHTS", ""])
     assert tools["train_net"].setup(args).MODEL.WEIGHTS == ""
 
 

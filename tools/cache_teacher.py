@@ -22,18 +22,18 @@ keep_tools_dir_off_path(__file__)
 from retro_transfer.safe_io import CheckpointError  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=config_file("distill"), help="a YAML file, or a name in configs/distill/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys), as for tools/distill.py")
     parser.add_argument("--out", required=True, help="folder of the cache (created; an unfinished one is continued)")
     parser.add_argument("--dtype", choices=("float16", "int8"), default="float16", help="storage of each value (default %(default)s)")
     parser.add_argument("--steps-per-shard", type=positive_int, default=None, help="steps per shard file (default: about 64 MiB a shard)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from distill.cache_builder import build_cache
     from distill.config import ConfigError, load_config
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked

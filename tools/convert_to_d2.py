@@ -20,7 +20,7 @@ keep_tools_dir_off_path(__file__)
 
 # torch and Detectron2 are imported once the arguments are read, so that --help answers at once.
 
-def main(argv=None) -> int:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("input", metavar="IN", help="checkpoint or state dict to convert")
     parser.add_argument("output", metavar="OUT", help="Detectron2 weights to write (.pkl)")
@@ -34,6 +34,11 @@ def main(argv=None) -> int:
         "auto (default): resnet for ResNet-50/101/152, timm otherwise",
     )
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from retro_transfer.convert import ConversionError, check_output, read_backbone, report

@@ -20,15 +20,15 @@ keep_tools_dir_off_path(__file__)
 from retro_transfer.safe_io import CheckpointError  # noqa: E402
 
 
-def parse_args(argv=None):
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=config_file("distill"), help="a YAML file, or a name in configs/distill/")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     from distill.config import LABELLED_METHODS, ConfigError, load_config
     from distill.engine import NonFiniteLossError, Trainer
     from retro_transfer.utils.run_lock import RunFolderError

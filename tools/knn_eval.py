@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     metrics = ev.topk_accuracy(scores, val_y)
     k_used = min(args.k, train_x.shape[0])
     payload = _report(ev, args, info, classes, metrics, k_used, train_x.shape[0], val_x.shape[0], time.perf_counter() - start)
+    payload["knn"]["val_correct"] = (scores.argmax(dim=1).cpu() == val_y).int().tolist()  # for intervals over images
     if args.out:
         try:
             print(f"results written to {ev.write_results(args.out, payload)}")

@@ -6,7 +6,6 @@
 See ``retro_transfer/data/shapes.py`` for what is written where.
 """
 
-import argparse
 import sys
 import time
 
@@ -15,7 +14,7 @@ from retro_transfer.data.shapes import ShapesConfig, generate
 from retro_transfer.utils.progress import progress_bar
 
 
-def main(argv=None) -> int:
+def build_parser() -> OneLineErrorParser:
     defaults = ShapesConfig()
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder (created; must be empty or absent)")
@@ -23,6 +22,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=defaults.size, help="image side in pixels (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shapes data set at --out")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     cfg = ShapesConfig(num_images=args.num_images, size=args.size, seed=args.seed)

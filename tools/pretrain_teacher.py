@@ -30,11 +30,15 @@ from retro_transfer.safe_io import CheckpointError, safe_load, save_atomic  # no
 TEACHER_FILE = "checkpoint_last.pth.tar"
 
 
-def main(argv=None) -> int:
+def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=config_file("teacher"), help="YAML config with method: moco_v2 or supcon and a ResNet student.arch")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     from distill import distributed as dist_utils
     from distill.config import ConfigError, load_config

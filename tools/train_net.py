@@ -29,7 +29,7 @@ keep_tools_dir_off_path(__file__)
 # Detectron2 and torch are imported where they are used, so that --help and a bad flag answer at once.
 
 
-def parser() -> OneLineErrorParser:
+def build_parser() -> OneLineErrorParser:
     """Detectron2's usual flags (as ``default_argument_parser``), with one-line errors."""
     p = OneLineErrorParser(description=__doc__.splitlines()[0])
     p.add_argument("--config-file", "--config", dest="config_file", required=True, type=config_file("detection"),
@@ -54,14 +54,10 @@ def parser() -> OneLineErrorParser:
     return p
 
 
-def setup(args):
-    """The config from file and overrides, checked, with its data sets registered and present."""
-    from detectron2.engine import default_setup
-
+def configure(args):
+    """The config from file and overrides, checked and frozen, with its data sets registered and present."""
     from retro_transfer.d2 import ConfigError, DatasetError, check_config, check_datasets, load_config
-    from retro_transfer.d2.train import cpu_workload_warning, quiet_detectron2_console
     from retro_transfer.utils.device import DeviceError, check_device
-    from retro_transfer.utils.quiet import silence_internal_warnings
 
     try:
         cfg = load_config(args.config_file, args.opts, shapes_root=args.shapes)
@@ -73,6 +69,17 @@ def setup(args):
     check_weights_given(cfg, args)
     check_output_dir_free(cfg, args)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """:func:`configure`, then Detectron2's ``default_setup`` (loggers, the config copy, seeds) on a quiet console."""
+    from detectron2.engine import default_setup
+
+    from retro_transfer.d2.train import cpu_workload_warning, quiet_detectron2_console
+    from retro_transfer.utils.quiet import silence_internal_warnings
+
+    cfg = configure(args)
     if not args.verbose:
         silence_internal_warnings()
         quiet_detectron2_console(cfg.OUTPUT_DIR)
@@ -134,7 +141,7 @@ def main(args):
 
 
 def cli(argv=None) -> int:
-    p = parser()
+    p = build_parser()
     args = p.parse_args(argv)
     misplaced = [key for key in args.opts[::2] if key.startswith("--")]
     if misplaced:
