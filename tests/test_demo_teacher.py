@@ -53,7 +53,7 @@ def test_a_given_teacher_replaces_the_teacher_stage_and_feeds_every_student(teac
     assert teacher_file(ctx) == Path(teacher_ckpt).absolute()
     for method in ("seed", "disco", "retro"):
         assert f"teacher.checkpoint={Path(teacher_ckpt).absolute()}" in _distill_overrides(ctx, tmp_path, method)
-    record = stages["teacher"].run(ctx, tmp_path)
+    record = stages["teacher"].run(ctx, tmp_path, stages["teacher"].calls(ctx, tmp_path))
     assert record == {"arch": "resnet18", "family": "moco_v2", "path": str(Path(teacher_ckpt).absolute()), "recipe": "user"}
     assert str(Path(teacher_ckpt).absolute()) in teacher_provenance(record)
 

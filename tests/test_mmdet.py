@@ -262,7 +262,7 @@ def test_full_preset_runs_mmdetection_from_the_retro_student_with_an_interval(co
     monkeypatch.chdir(ROOT)  # the pipeline names its configs from the repository root
     folder = ctx.folder("mmdet_retro")
     folder.mkdir()
-    metrics = stages["mmdet_retro"].run(ctx, folder)
+    metrics = stages["mmdet_retro"].run(ctx, folder, stages["mmdet_retro"].calls(ctx, folder))
     assert metrics["init"] == "retro" and metrics["iters"] == 3 and 0 <= metrics["AP50"] <= 100
     records = {"mmdet_retro": {"metrics": metrics}}
     evidence = mmdet_evidence(tmp_path, records)["retro"]

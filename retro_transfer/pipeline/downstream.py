@@ -3,6 +3,11 @@
 Each downstream task is fine-tuned three times at the same budget: from the
 Retro student, from the MoCo-v2-alone student (the baseline) and from random
 initialisation, so the report shows what the distilled weights are worth.
+
+As upstream, each stage is its tool's command line (``tools/convert_to_d2.py``,
+``tools/train_net.py``, ``tools/train_seg.py``), run in this process through
+the tool's own parser and code, plus what the report needs and the tool does
+not keep: each test image's predictions, and a drawing of a few.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 
 from retro_transfer.convert import read_backbone
 
-from .runner import Context, Stage, read_json, save_json
+from .runner import Context, Stage, ToolCall, read_json, save_json
 from .settings import SettingsError
 from .upstream import data_dir, student_file
 
@@ -36,36 +41,33 @@ def mmseg_weights_file(ctx: Context, method: str) -> Path:
 # -- conversion -----------------------------------------------------------------------------
 
 
-def _convert(method: str):
-    def run(ctx: Context, folder: Path) -> Dict:
-        from retro_transfer.safe_io import save_atomic
-        from retro_transfer.d2.weights import save_d2, to_detectron2
-        from retro_transfer.mmseg.conversion import to_mmseg
-
-        source = read_backbone(student_file(ctx, method))
-        d2 = to_detectron2(source)
-        save_d2(d2, d2_weights_file(ctx, method))
-        checkpoint, converted, mmseg_source = to_mmseg(source)
-        save_atomic(checkpoint, mmseg_weights_file(ctx, method))
-        return {"arch": source.arch, "d2_tensors": sum(d2.groups().values()), "mmseg_tensors": sum(converted.values()),
-                "dropped_tensors": sum(mmseg_source.dropped.values())}
-
-    return run
-
-
-def _convert_command(method: str):
-    def command(ctx: Context, folder: Path) -> str:
+def _convert_calls(method: str):
+    def calls(ctx: Context, folder: Path) -> Tuple[ToolCall, ToolCall]:
         ckpt = student_file(ctx, method)
-        return (f"python tools/convert_to_d2.py {ckpt} {d2_weights_file(ctx, method)} && "
-                f"python tools/convert_to_mmseg.py {ckpt} {mmseg_weights_file(ctx, method)}")
+        return (ToolCall("tools/convert_to_d2.py", [ckpt, d2_weights_file(ctx, method)]),
+                ToolCall("tools/convert_to_mmseg.py", [ckpt, mmseg_weights_file(ctx, method)]))
 
-    return command
+    return calls
+
+
+def _convert(ctx: Context, folder: Path, calls: Tuple[ToolCall, ToolCall]) -> Dict:
+    """Both tools, then the tensor counts the report states (the conversions redone on their own arguments)."""
+    from retro_transfer.d2.weights import to_detectron2
+    from retro_transfer.mmseg.conversion import to_mmseg
+
+    for call in calls:
+        call.main(folder)
+    d2_args, mmseg_args = (call.parse() for call in calls)
+    source = read_backbone(d2_args.input, arch=d2_args.arch)
+    _, converted, mmseg_source = to_mmseg(read_backbone(mmseg_args.input, mmseg_args.arch))
+    return {"arch": source.arch, "d2_tensors": sum(to_detectron2(source, d2_args.target).groups().values()),
+            "mmseg_tensors": sum(converted.values()), "dropped_tensors": sum(mmseg_source.dropped.values())}
 
 
 # -- detection ------------------------------------------------------------------------------
 
 
-def _detection_opts(ctx: Context, folder: Path, init: str, iters_key: str = "det_iters") -> List[str]:
+def _detection_opts(ctx: Context, folder: Path, init: str, iters_key: str) -> List[str]:
     """Detectron2 overrides for a stage: weights of ``init``, the preset's sizes, ``iters_key`` iterations."""
     p = ctx.preset
     iters = p[iters_key]
@@ -159,70 +161,72 @@ def _per_image_collector():
     return PerImageDetections()
 
 
+def _train_net_call(config: str, init: str, iters_key: str):
+    def call(ctx: Context, folder: Path) -> ToolCall:
+        return ToolCall("tools/train_net.py", ["--config-file", config, *_detection_opts(ctx, folder, init, iters_key)])
+
+    return call
+
+
+def _train_detectron2(call: ToolCall, evaluator=None):
+    """What ``call`` (tools/train_net.py on one process) does, in this one: its config and checks, Detectron2's
+    seeding, training and the final test; ``evaluator`` runs beside the config's own. Returns config, trainer, results.
+
+    The tool's ``default_setup`` also gives Detectron2's loggers a file in
+    OUTPUT_DIR, which in one process would pile up handlers stage after stage
+    (each stage's log in every earlier stage's file); of it, only the seeding
+    bears on the numbers, and that is done here the same way. The console is
+    the tool's quiet one.
+    """
+    from detectron2.evaluation import DatasetEvaluators
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
+    from retro_transfer.d2.train import RetroTrainer, quiet_detectron2_console
+
+    args = call.parse()
+    cfg = call.tool().configure(args)
+    quiet_detectron2_console(None)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+
+    class Trainer(RetroTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name):
+            own = RetroTrainer.build_evaluator(cfg, dataset_name)
+            return own if evaluator is None else DatasetEvaluators([own, evaluator])
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    results = trainer.train()
+    # DefaultTrainer.test unwraps the per-data-set level when there is one test set.
+    results = results if "bbox" in results else next(iter(results.values()))
+    return cfg, trainer, results
+
+
 def _detect(init: str):
-    def run(ctx: Context, folder: Path) -> Dict:
+    def run(ctx: Context, folder: Path, call: ToolCall) -> Dict:
         from detectron2.data import MetadataCatalog
-        from detectron2.evaluation import DatasetEvaluators
 
-        from retro_transfer.d2 import check_config, load_config, register_shapes
-        from retro_transfer.d2.train import RetroTrainer
-
-        cfg = load_config(DETECTION_CONFIG, _detection_opts(ctx, folder, init))
-        register_shapes(cfg.DATASETS.SHAPES_ROOT)
-        check_config(cfg)
-        cfg.freeze()
         collector = _per_image_collector()
-
-        class Trainer(RetroTrainer):
-            @classmethod
-            def build_evaluator(cls, cfg, dataset_name):
-                return DatasetEvaluators([RetroTrainer.build_evaluator(cfg, dataset_name), collector])
-
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=False)
-        results = trainer.train()
+        cfg, trainer, results = _train_detectron2(call, collector)
         meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         for image in collector.images:
             image["truth"] = read_voc_objects(Path(meta.dirname) / "Annotations" / f"{image['image_id']}.xml", meta.thing_classes)
         save_json({"classes": list(meta.thing_classes), "images": collector.images}, folder / PER_IMAGE)
-        # DefaultTrainer.test unwraps the per-data-set level when there is one test set.
-        bbox = results["bbox"] if "bbox" in results else next(iter(results.values()))["bbox"]
         _draw_detections(trainer.model, cfg, folder)
         (folder / "model_final.pth").unlink(missing_ok=True)  # the metrics are the output; keep the disk small
+        bbox = results["bbox"]
         return {"init": init, "iters": cfg.SOLVER.MAX_ITER, "AP": _finite(bbox["AP"]), "AP50": _finite(bbox["AP50"]),
                 "AP75": _finite(bbox["AP75"])}
 
     return run
 
 
-def _train_net_command(config: str, opts: List[str]) -> str:
-    quoted = " ".join(f"'{o}'" if (not o or " " in o) else o for o in opts)
-    return f"python tools/train_net.py --config-file {config} {quoted}"
-
-
-def _detect_command(init: str):
-    def command(ctx: Context, folder: Path) -> str:
-        return _train_net_command(DETECTION_CONFIG, _detection_opts(ctx, folder, init))
-
-    return command
-
-
 def _mask_rcnn(init: str):
     """Mask R-CNN on the shapes data's COCO annotations: box and mask AP from COCOEvaluator."""
 
-    def run(ctx: Context, folder: Path) -> Dict:
-        from retro_transfer.d2 import check_config, check_datasets, load_config, register_shapes
-        from retro_transfer.d2.train import RetroTrainer
-
-        cfg = load_config(MASK_RCNN_CONFIG, _detection_opts(ctx, folder, init, "mrcnn_iters"))
-        register_shapes(cfg.DATASETS.SHAPES_ROOT)
-        check_config(cfg)
-        check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        cfg.freeze()
-        trainer = RetroTrainer(cfg)
-        trainer.resume_or_load(resume=False)
-        results = trainer.train()
-        results = results if "bbox" in results else next(iter(results.values()))  # one test set: unwrapped
+    def run(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+        cfg, _, results = _train_detectron2(call)
         (folder / "model_final.pth").unlink(missing_ok=True)  # the metrics are the output; keep the disk small
         metrics = {"init": init, "iters": cfg.SOLVER.MAX_ITER}
         for task, prefix in (("bbox", "box"), ("segm", "mask")):
@@ -231,13 +235,6 @@ def _mask_rcnn(init: str):
         return metrics
 
     return run
-
-
-def _mask_rcnn_command(init: str):
-    def command(ctx: Context, folder: Path) -> str:
-        return _train_net_command(MASK_RCNN_CONFIG, _detection_opts(ctx, folder, init, "mrcnn_iters"))
-
-    return command
 
 
 # -- segmentation ---------------------------------------------------------------------------
@@ -251,7 +248,7 @@ def _segmentation_options(ctx: Context, folder: Path, init: str) -> Dict:
     voc = str(data_dir(ctx) / "VOC2007")
     options = {
         "train_cfg.max_iters": iters,
-        "train_cfg.val_interval": iters + 1,  # validated once, after training, by the stage itself
+        "train_cfg.val_interval": iters,  # validated once, at the end of training
         "param_scheduler.0.end": iters,
         "default_hooks.checkpoint.interval": iters,
         "default_hooks.logger.interval": max(1, iters // 10),
@@ -275,7 +272,7 @@ def _draw_segmentation(runner, folder: Path, count: int = 4) -> Path:
     from mmengine.dataset import pseudo_collate
     from PIL import Image
 
-    from retro_transfer.data.shapes import VOID, voc_palette
+    from retro_transfer.data.shapes import voc_palette
 
     palette = np.array(voc_palette(), dtype=np.uint8).reshape(-1, 3)
     dataset = runner.val_dataloader.dataset
@@ -304,37 +301,56 @@ def _register_per_image_iou() -> str:
     class PerImageIoUMetric(IoUMetric):
         def compute_metrics(self, results):
             self.per_image = [(r[0].cpu().numpy().tolist(), r[1].cpu().numpy().tolist()) for r in results]
-            return super().compute_metrics(results)
+            self.last_metrics = super().compute_metrics(results)
+            return self.last_metrics
 
     METRICS.register_module(name="PerImageIoUMetric", module=PerImageIoUMetric, force=True)
     return "PerImageIoUMetric"
 
 
+def cfg_options(options: Mapping) -> List[str]:
+    """``--cfg-options`` arguments of OpenMMLab tools: ``key=value``, a tuple or list written without spaces."""
+    return [f"{k}={str(v).replace(' ', '') if isinstance(v, (list, tuple)) else v}" for k, v in options.items()]
+
+
+def _segment_call(init: str):
+    def call(ctx: Context, folder: Path) -> ToolCall:
+        return ToolCall("tools/train_seg.py", [SEGMENTATION_CONFIG, "--work-dir", folder, "--cfg-options",
+                                               *cfg_options(_segmentation_options(ctx, folder, init))],
+                        note="the stage also keeps each image's intersection and union")
+
+    return call
+
+
+def train_openmmlab(call: ToolCall, toolbox, metric_type: str):
+    """What ``call`` (tools/train_seg.py or train_det.py, training) does, in this process; returns the Runner.
+
+    The config's validation metric becomes ``metric_type``, its subclass that
+    also keeps each image's results (the same numbers); the run validates
+    once, at its last iteration, as the tool's does.
+    """
+    args = call.parse()
+    cfg = toolbox.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
+    cfg.val_evaluator.type = metric_type
+    toolbox.set_resume(cfg, args.resume)
+    return toolbox.train(cfg)
+
+
 def _segment(init: str):
-    def run(ctx: Context, folder: Path) -> Dict:
+    def run(ctx: Context, folder: Path, call: ToolCall) -> Dict:
         from retro_transfer.mmseg import launch
 
-        options = {**_segmentation_options(ctx, folder, init), "val_evaluator.type": _register_per_image_iou()}
-        cfg = launch.load_config(SEGMENTATION_CONFIG, options, work_dir=folder)
-        runner = launch.train(cfg)
-        metrics = runner.val()
+        runner = train_openmmlab(call, launch, _register_per_image_iou())
         iou = runner.val_evaluator.metrics[0]
         save_json({"classes": list(iou.dataset_meta["classes"]), "intersection": [i for i, _ in iou.per_image],
                    "union": [u for _, u in iou.per_image]}, folder / PER_IMAGE)
         _draw_segmentation(runner, folder)
         for checkpoint in folder.glob("iter_*.pth"):
             checkpoint.unlink()  # the metrics are the output; keep the disk small
-        return {"init": init, "iters": ctx.preset["seg_iters"], "mIoU": _finite(metrics["mIoU"]), "aAcc": _finite(metrics["aAcc"])}
+        metrics = iou.last_metrics
+        return {"init": init, "iters": runner.max_iters, "mIoU": _finite(metrics["mIoU"]), "aAcc": _finite(metrics["aAcc"])}
 
     return run
-
-
-def _segment_command(init: str):
-    def command(ctx: Context, folder: Path) -> str:
-        options = " ".join(f"{k}={v}" for k, v in _segmentation_options(ctx, folder, init).items())
-        return f"python tools/train_seg.py {SEGMENTATION_CONFIG} --work-dir {folder} --cfg-options {options}"
-
-    return command
 
 
 def transfer_inits(preset: Mapping) -> Tuple[str, ...]:
@@ -351,20 +367,20 @@ def downstream_stages(preset: Dict) -> List[Stage]:
     stages = []
     inits = transfer_inits(preset)
     for method in inits[:-1]:
-        stages.append(Stage(f"convert_{method}", _convert(method), _convert_command(method),
+        stages.append(Stage(f"convert_{method}", _convert_calls(method), _convert,
                             deps=(f"distill_{method}",), title=f"convert the {method} student to Detectron2 and MMSeg"))
     for init in inits:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
-        stages.append(Stage(f"det_{init}", _detect(init), _detect_command(init), deps=deps,
+        stages.append(Stage(f"det_{init}", _train_net_call(DETECTION_CONFIG, init, "det_iters"), _detect(init), deps=deps,
                             title=f"Faster R-CNN on shapes-VOC from {init} initialisation"))
     for init in inits:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
-        stages.append(Stage(f"seg_{init}", _segment(init), _segment_command(init), deps=deps,
+        stages.append(Stage(f"seg_{init}", _segment_call(init), _segment(init), deps=deps,
                             title=f"FCN segmentation on shapes-VOC from {init} initialisation"))
     if preset.get("mrcnn_iters"):  # off unless a preset asks for it
         for init in inits:
             deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
-            stages.append(Stage(f"mrcnn_{init}", _mask_rcnn(init), _mask_rcnn_command(init), deps=deps,
+            stages.append(Stage(f"mrcnn_{init}", _train_net_call(MASK_RCNN_CONFIG, init, "mrcnn_iters"), _mask_rcnn(init), deps=deps,
                                 title=f"Mask R-CNN on shapes-COCO from {init} initialisation"))
     return stages
 

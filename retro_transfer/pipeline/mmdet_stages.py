@@ -17,8 +17,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from .downstream import PER_IMAGE, _evidence, _finite, mmseg_weights_file
-from .runner import Context, Stage, read_json, save_json
+from .downstream import PER_IMAGE, _evidence, _finite, cfg_options, mmseg_weights_file, train_openmmlab
+from .runner import Context, Stage, ToolCall, read_json, save_json
 from .upstream import data_dir
 
 MMDET_CONFIG = "configs/mmdet/shapes_faster_rcnn_effb0.py"
@@ -33,7 +33,10 @@ def _options(ctx: Context, init: str) -> Dict:
     scale = (2 * side, side)
     options = {
         "train_cfg.max_iters": iters,
-        "train_cfg.val_interval": iters + 1,  # evaluated once, after training, by the stage itself
+        "train_cfg.val_interval": iters,  # evaluated once, at the end of training
+        # Scored by VOCMetric (VOC2007 11-point AP50) in place of the COCO layout's CocoMetric, as the
+        # Detectron2 stages are by PascalVOCDetectionEvaluator.
+        "val_evaluator._delete_": True, "val_evaluator.type": "VOCMetric", "val_evaluator.eval_mode": "11points",
         "param_scheduler.0.end": max(1, iters // 10),
         "param_scheduler.1.end": iters,
         "param_scheduler.1.milestones": [int(iters * 0.75)],
@@ -65,7 +68,8 @@ def _register_per_image_voc() -> str:
     class PerImageVOCMetric(VOCMetric):
         def compute_metrics(self, results):
             self.per_image = results
-            return super().compute_metrics(results)
+            self.last_metrics = super().compute_metrics(results)
+            return self.last_metrics
 
     METRICS.register_module(name=METRIC, module=PerImageVOCMetric, force=True)
     return METRIC
@@ -82,37 +86,28 @@ def _image_record(ann: Dict, dets: List[np.ndarray]) -> Dict:
                       "difficult": [0] * len(ann["labels"]) + [1] * len(ann["labels_ignore"])}}
 
 
+def _call(init: str):
+    def call(ctx: Context, folder: Path) -> ToolCall:
+        return ToolCall("tools/train_det.py", [MMDET_CONFIG, "--data-root", data_dir(ctx), "--work-dir", folder, "--cfg-options",
+                                               *cfg_options(_options(ctx, init))],
+                        note="the stage also keeps each image's detections")
+
+    return call
+
+
 def _detect(init: str):
-    def run(ctx: Context, folder: Path) -> Dict:
+    def run(ctx: Context, folder: Path, call: ToolCall) -> Dict:
         from retro_transfer.mmdet import launch
 
-        cfg = launch.load_config(MMDET_CONFIG, _options(ctx, init), work_dir=folder, data_root=data_dir(ctx))
-        cfg.val_evaluator = dict(type=_register_per_image_voc(), eval_mode="11points")
-        runner = launch.train(cfg)
-        metrics = runner.val()
+        runner = train_openmmlab(call, launch, _register_per_image_voc())
         voc = runner.val_evaluator.metrics[0]
         images = [_image_record(ann, dets) for ann, dets in voc.per_image]
         save_json({"classes": list(voc.dataset_meta["classes"]), "images": images}, folder / PER_IMAGE)
         for checkpoint in folder.glob("iter_*.pth"):
             checkpoint.unlink()  # the metrics are the output; keep the disk small
-        return {"init": init, "iters": ctx.preset["mmdet_iters"], "AP50": _finite(metrics["pascal_voc/AP50"]) * 100}
+        return {"init": init, "iters": runner.max_iters, "AP50": _finite(voc.last_metrics["AP50"]) * 100}
 
     return run
-
-
-def _command(init: str):
-    def command(ctx: Context, folder: Path) -> str:
-        options = " ".join(f"{k}={_shell(v)}" for k, v in _options(ctx, init).items())
-        return (f"python tools/train_det.py {MMDET_CONFIG} --data-root {data_dir(ctx)} --work-dir {folder} "
-                f"--cfg-options {options}  # the stage scores with VOCMetric and keeps each image's detections")
-
-    return command
-
-
-def _shell(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "'" + repr(tuple(value) if isinstance(value, tuple) else list(value)).replace(" ", "") + "'"
-    return str(value)
 
 
 def mmdet_stages(preset: Dict) -> List[Stage]:
@@ -122,7 +117,7 @@ def mmdet_stages(preset: Dict) -> List[Stage]:
     stages = []
     for init in MMDET_INITS:
         deps = ("data",) + ((f"convert_{init}",) if init != "random" else ())
-        stages.append(Stage(f"mmdet_{init}", _detect(init), _command(init), deps=deps,
+        stages.append(Stage(f"mmdet_{init}", _call(init), _detect(init), deps=deps,
                             title=f"MMDetection Faster R-CNN on shapes-COCO from {init} initialisation"))
     return stages
 

@@ -7,35 +7,108 @@ is up to date when its record exists, holds the command the stage would run
 now (so a changed setting redoes it), and names the current run ids of its
 dependencies: deleting a stage's folder therefore redoes that stage and,
 through the changed run id, every stage after it, and nothing else.
+
+A stage's command is one value, a :class:`ToolCall` (or several, run one after
+another): the report prints it, and the stage runs it, in this process, through
+the tool's own argument parser (``ToolCall.parse``) or its ``main``
+(``ToolCall.main``). What the report says reproduces a number is therefore
+what made it (tests/test_pipeline_commands.py runs two of them in a fresh
+process and compares).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
+import shlex
 import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 RECORD = "stage.json"
+CONSOLE = "console.txt"  # what the tools a stage runs printed
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One command line of the repository's tools: the stage runs it and the report prints it.
+
+    ``script`` is a path from the repository root (``tools/distill.py``),
+    ``args`` its arguments as the shell would pass them. ``note`` is said
+    after the command in the report (``# ...``), for what the stage adds to
+    the tool's work (a per-image record, a drawing) without changing a number.
+    """
+
+    script: str
+    args: Tuple[str, ...]
+    note: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "args", tuple(str(a) for a in self.args))
+
+    def shell(self) -> str:
+        line = shlex.join(("python", self.script, *self.args))
+        return f"{line}  # {self.note}" if self.note else line
+
+    def tool(self):
+        from retro_transfer.cli import load_tool
+
+        return load_tool(self.script)
+
+    def parse(self) -> argparse.Namespace:
+        """The arguments as the tool reads them (its own parser: a wrong flag fails here as it would there)."""
+        return self.tool().build_parser().parse_args(list(self.args))
+
+    def main(self, folder: Path) -> int:
+        """Run the tool's ``main`` on these arguments in this process; what it prints goes to ``folder/console.txt``.
+
+        The pipeline's console keeps to a line or two a stage; progress bars (on stderr) still show. The file
+        is written once the tool is done (or has failed): a run folder must be empty when a run starts in it.
+        """
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                return self.tool().main(list(self.args))
+        finally:
+            with open(folder / CONSOLE, "a") as console:
+                console.write(printed.getvalue())
+
+
+Calls = Union[ToolCall, Tuple[ToolCall, ...], str]
+"""What a stage runs: one call, several (run in order, printed joined by ``&&``), or,
+for a stage with nothing to run (a file the user gave), a sentence for the report."""
+
+
+def command_text(calls: Calls) -> str:
+    if isinstance(calls, str):
+        return calls
+    calls = (calls,) if isinstance(calls, ToolCall) else calls
+    return " && ".join(call.shell() for call in calls)
 
 
 @dataclass
 class Stage:
     """One step of the pipeline.
 
-    ``run(ctx, folder)`` does the work, writing into ``folder``, and returns the
-    metrics to record (JSON-serialisable). ``command(ctx, folder)`` is the shell
-    command a person would type to do the same, recorded for the report.
+    ``calls(ctx, folder)`` is what the step runs (:data:`Calls`), recorded as
+    the report's command; ``run(ctx, folder, calls)`` does that work, writing
+    into ``folder``, and returns the metrics to record (JSON-serialisable).
     """
 
     name: str
-    run: Callable[["Context", Path], Dict]
-    command: Callable[["Context", Path], str]
+    calls: Callable[["Context", Path], Calls]
+    run: Callable[["Context", Path, Calls], Dict]
     deps: Sequence[str] = field(default_factory=tuple)
     title: str = ""
+
+    def command(self, ctx: "Context", folder: Path) -> str:
+        """The shell command the report prints for this stage."""
+        return command_text(self.calls(ctx, folder))
 
 
 @dataclass
@@ -99,7 +172,8 @@ def run_pipeline(
         folder = ctx.folder(stage.name)
         record = read_record(folder)
         inputs = {dep: ctx.records[dep]["run_id"] for dep in stage.deps}
-        command = stage.command(ctx, folder)
+        calls = stage.calls(ctx, folder)
+        command = command_text(calls)
         forced = "all" in force or stage.name in force
         # Up to date: same inputs and same command (a changed setting changes the command).
         if record is not None and record.get("inputs") == inputs and record.get("command") == command and not forced:
@@ -111,7 +185,7 @@ def run_pipeline(
         folder.mkdir(parents=True)
         log(f"[{index}/{total}] {stage.name}: {stage.title or stage.name}")
         start = time.perf_counter()
-        metrics = stage.run(ctx, folder)
+        metrics = stage.run(ctx, folder, calls)
         seconds = time.perf_counter() - start
         record = {
             "stage": stage.name,

@@ -1,9 +1,11 @@
 """Pipeline stages up to the distilled students: data, teacher, distillation, linear probe and k-NN.
 
-Each stage runs in this process through the same library calls the command
-line tools make (start-up of a fresh Python with torch costs several seconds
-on a small machine, and the smoke preset has a budget of minutes), and
-records the equivalent command for the report.
+Each stage is a command of the repository's tools (a :class:`ToolCall`),
+which the report prints and the stage runs in this process (start-up of a
+fresh Python with torch costs several seconds on a small machine, and the
+smoke preset has a budget of minutes): through the tool's ``main`` where the
+tool does the whole job, else through the tool's own parser and the library
+call its ``main`` makes, for what the tool does not keep (per-image results).
 """
 
 from __future__ import annotations
@@ -11,22 +13,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
 from distill.config import load_config
-from distill.engine import Trainer
-from distill.teacher_export import to_moco_v2_release
-from distill.checkpoint import load_encoder
-from retro_transfer.safe_io import safe_load, save_atomic
-from retro_transfer.data.shapes import CLASSES, ShapesConfig, generate
+from distill.evaluation import KNN_TEMPERATURE
+from retro_transfer.data.shapes import CLASSES, ShapesConfig
 
-from .runner import Context, Stage, save_json
+from .runner import Context, Stage, ToolCall, read_json, save_json
 from .settings import SettingsError
 
 METHODS = ("moco_v2", "seed", "disco", "retro")
 TEACHER_FILE = "checkpoint_last.pth.tar"
+ENGINE_CHECKPOINT = "checkpoint_last.pth"  # the distillation engine's last checkpoint in a run folder
 
 
 def data_dir(ctx: Context) -> Path:
@@ -40,7 +40,7 @@ def teacher_file(ctx: Context) -> Path:
 
 
 def student_file(ctx: Context, method: str) -> Path:
-    return ctx.folder(f"distill_{method}") / "checkpoint_last.pth"
+    return ctx.folder(f"distill_{method}") / ENGINE_CHECKPOINT
 
 
 def read_log(folder: Path) -> List[Dict]:
@@ -60,10 +60,16 @@ def _last_terms(folder: Path) -> Dict:
 # -- data -----------------------------------------------------------------------------------
 
 
-def _data(ctx: Context, folder: Path) -> Dict:
+def _data_call(ctx: Context, folder: Path) -> ToolCall:
     p = ctx.preset
-    cfg = ShapesConfig(num_images=p["num_images"], size=p["image_side"], seed=p["seed"])
-    generate(data_dir(ctx), cfg)
+    return ToolCall("tools/make_shapes.py", ["--out", data_dir(ctx), "--num-images", p["num_images"],
+                                             "--size", p["image_side"], "--seed", p["seed"]])
+
+
+def _data(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    args = call.parse()
+    call.main(folder)
+    cfg = ShapesConfig(num_images=args.num_images, size=args.size, seed=args.seed)
     return {"classes": len(CLASSES), "voc_images": cfg.num_images, "image_side": cfg.size, "classification_train": cfg.num_classification_train,
             "classification_val": cfg.num_classification_val, "unlabeled": cfg.num_unlabeled}
 
@@ -138,20 +144,21 @@ def _teacher_overrides(ctx: Context, folder: Path) -> List[str]:
     ]
 
 
-def _teacher(ctx: Context, folder: Path) -> Dict:
-    recipe = ctx.preset["teacher_recipe"]
-    cfg = load_config(TEACHER_CONFIGS[recipe], _teacher_overrides(ctx, folder))
-    final = Trainer(cfg).fit()
-    save_atomic(to_moco_v2_release(safe_load(final)), folder / TEACHER_FILE)
-    final.unlink()  # the exported file is the teacher; the engine checkpoint would double the disk use
-    return {"arch": ctx.preset["teacher_arch"], "recipe": recipe, "steps": cfg.train.max_steps, **_last_terms(folder)}
+def _teacher_call(ctx: Context, folder: Path) -> ToolCall:
+    return _config_call("tools/pretrain_teacher.py", TEACHER_CONFIGS[ctx.preset["teacher_recipe"]], _teacher_overrides(ctx, folder),
+                        note="the stage then deletes the engine's checkpoint_last.pth, which the teacher file repeats")
 
 
-def _teacher_command(ctx: Context, folder: Path) -> str:
-    return _cli("pretrain_teacher.py", TEACHER_CONFIGS[ctx.preset["teacher_recipe"]], _teacher_overrides(ctx, folder))
+def _teacher(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    args = call.parse()
+    cfg = load_config(args.config, args.overrides)
+    call.main(folder)
+    (Path(cfg.output_dir) / ENGINE_CHECKPOINT).unlink()  # the exported teacher holds it all; keep the disk small
+    return {"arch": cfg.student.arch, "recipe": ctx.preset["teacher_recipe"], "steps": cfg.train.max_steps,
+            **_last_terms(folder)}
 
 
-def _given_teacher(ctx: Context, folder: Path) -> Dict:
+def _given_teacher(ctx: Context, folder: Path, calls: str) -> Dict:
     """``--teacher PATH``: nothing to train; the stage records what the file is (checked when the run started)."""
     return {**describe_teacher(Path(ctx.preset["teacher_path"])), "recipe": "user"}
 
@@ -214,24 +221,29 @@ def _cache_overrides(ctx: Context) -> List[str]:
     ]
 
 
-def _teacher_cache(ctx: Context, folder: Path) -> Dict:
+def _teacher_cache_call(ctx: Context, folder: Path) -> ToolCall:
+    call = _config_call("tools/cache_teacher.py", _distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx))
+    return ToolCall(call.script, call.args + ("--out", str(folder)))
+
+
+def _teacher_cache(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    """The tool's work without its closing sentence: the stage records the builder's summary."""
     from distill.cache_builder import build_cache
 
-    return build_cache(load_config(_distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx)), folder)
+    args = call.parse()
+    return build_cache(load_config(args.config, args.overrides), args.out, args.dtype, args.steps_per_shard)
 
 
-def _teacher_cache_command(ctx: Context, folder: Path) -> str:
-    return f"{_cli('cache_teacher.py', _distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx))} --out {folder}"
+def _distill_call(method: str):
+    return lambda ctx, folder: _config_call("tools/distill.py", _distill_config(method), _distill_overrides(ctx, folder, method))
 
 
-def _distill(method: str):
-    def run(ctx: Context, folder: Path) -> Dict:
-        cfg = load_config(_distill_config(method), _distill_overrides(ctx, folder, method))
-        Trainer(cfg).fit()
-        return {"method": method, "student": cfg.student.arch, "steps": cfg.train.max_steps, **method_settings(cfg),
-                **_last_terms(folder)}
-
-    return run
+def _distill(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    args = call.parse()
+    cfg = load_config(args.config, args.overrides)
+    call.main(folder)
+    return {"method": cfg.method, "student": cfg.student.arch, "steps": cfg.train.max_steps, **method_settings(cfg),
+            **_last_terms(folder)}
 
 
 def method_settings(cfg) -> Dict:
@@ -244,8 +256,11 @@ def method_settings(cfg) -> Dict:
 
 # -- evaluation -----------------------------------------------------------------------------
 
+EVAL_BATCH = 64
 
-def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int) -> Dict:
+
+def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int, batch_size: int = EVAL_BATCH,
+                    knn_temperature: float = KNN_TEMPERATURE) -> Dict:
     """k-NN and the standardised linear probe of a frozen encoder, both on centre-crop features computed once.
 
     The probe (:func:`distill.evaluation.linear_probe`) standardises features and
@@ -257,26 +272,15 @@ def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int) -> 
     transform = eval_transform(image_size)
     train = image_folder(root, "train", transform)
     val = image_folder(root, "val", transform)
-    train_feats, train_labels = extract_features(encoder, make_loader(train, 64, shuffle=False))
-    val_feats, val_labels = extract_features(encoder, make_loader(val, 64, shuffle=False))
+    train_feats, train_labels = extract_features(encoder, make_loader(train, batch_size, shuffle=False))
+    val_feats, val_labels = extract_features(encoder, make_loader(val, batch_size, shuffle=False))
     k = min(k, len(train))
-    knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k)
+    knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k, temperature=knn_temperature)
     knn = topk_accuracy(knn_scores, val_labels)
     probe = linear_probe(train_feats, train_labels, val_feats, val_labels, len(train.classes), seed=seed)
     per_image = {"linear": probe["val_correct"], "knn": (knn_scores.argmax(dim=1) == val_labels).int().tolist()}
     return {"knn_top1": knn["top1"], "knn_k": k, "linear_top1": probe["top1"], "linear_top5": probe["top5"],
             "linear_weight_decay": probe["weight_decay"], "num_val": len(val), "per_image": per_image}
-
-
-def _evaluate_encoder(ctx: Context, encoder, dim: int, which: str) -> Dict:
-    p = ctx.preset
-    result = evaluate_frozen(encoder, data_dir(ctx) / "classification", p["crop"], p["knn_k"], p["seed"])
-    return {"features": which, "dim": dim, **result}
-
-
-def _evaluate(ctx: Context, checkpoint: Path, which: str) -> Dict:
-    encoder, info = load_encoder(checkpoint, which)
-    return _evaluate_encoder(ctx, encoder, info["dim"], which)
 
 
 def random_encoder(arch: str, seed: int):
@@ -294,46 +298,60 @@ def _random_archs(ctx: Context) -> List[str]:
 PER_IMAGE = "per_image.json"
 
 
-def _eval_stage(model: str, checkpoint_of, which_list):
-    def run(ctx: Context, folder: Path) -> Dict:
-        results = {which: _evaluate(ctx, checkpoint_of(ctx), which) for which in which_list}
-        # Per-image correctness (for the report's intervals) beside the record, not in it.
-        save_json({which: r.pop("per_image") for which, r in results.items()}, folder / PER_IMAGE)
-        return results
+def _eval_calls(checkpoint_of, which_list):
+    """tools/linear_eval.py and tools/knn_eval.py on each of ``which_list``'s features (backbone, adapter)."""
 
-    return run
+    def calls(ctx: Context, folder: Path) -> Tuple[ToolCall, ...]:
+        p = ctx.preset
+        common = [checkpoint_of(ctx), "--data", data_dir(ctx) / "classification", "--batch-size", EVAL_BATCH,
+                  "--image-size", p["crop"], "--workers", p["workers"]]
+        out = []
+        for which in which_list:
+            out.append(ToolCall("tools/linear_eval.py", [*common, "--features", which, "--seed", p["seed"],
+                                                         "--out", folder / f"linear_{which}.json"]))
+            out.append(ToolCall("tools/knn_eval.py", [*common, "--features", which, "--k", p["knn_k"],
+                                                      "--out", folder / f"knn_{which}.json"]))
+        return tuple(out)
+
+    return calls
 
 
-def _eval_random(ctx: Context, folder: Path) -> Dict:
-    """The same evaluation of randomly initialised teacher and student networks, keyed by architecture."""
-    results = {}
-    for arch in _random_archs(ctx):
-        encoder = random_encoder(arch, ctx.preset["seed"])
-        results[arch] = _evaluate_encoder(ctx, encoder, encoder.num_features, "backbone")
-    save_json({arch: r.pop("per_image") for arch, r in results.items()}, folder / PER_IMAGE)
+def _evaluate(ctx: Context, folder: Path, calls: Tuple[ToolCall, ...]) -> Dict:
+    """Run each tool, then gather what they wrote: per features, both protocols' numbers; per image, beside them."""
+    results, per_image = {}, {}
+    for linear_call, knn_call in zip(calls[::2], calls[1::2]):
+        linear, knn = (_run_for_json(call, folder) for call in (linear_call, knn_call))
+        which = linear["args"]["features"]
+        results[which] = {"features": which, "dim": linear["info"]["dim"], "knn_top1": knn["metrics"]["top1"],
+                          "knn_k": knn["knn"]["k"], "linear_top1": linear["metrics"]["top1"],
+                          "linear_top5": linear["metrics"]["top5"], "linear_weight_decay": linear["probe"]["weight_decay"],
+                          "num_val": linear["probe"]["num_val"]}
+        per_image[which] = {"linear": linear["probe"]["val_correct"], "knn": knn["knn"]["val_correct"]}
+    # Per-image correctness (for the report's intervals) beside the record, not in it.
+    save_json(per_image, folder / PER_IMAGE)
     return results
 
 
-def _eval_random_command(ctx: Context, folder: Path) -> str:
+def _run_for_json(call: ToolCall, folder: Path) -> Dict:
+    """Run a tool that writes its results to ``--out`` and read them back."""
+    call.main(folder)
+    return read_json(call.parse().out)
+
+
+def _eval_random_call(ctx: Context, folder: Path) -> ToolCall:
     p = ctx.preset
-    return (f"python bench/random_init_probe.py --data {data_dir(ctx) / 'classification'} --archs {' '.join(_random_archs(ctx))} "
-            f"--image-size {p['crop']} --seeds {p['seed']} --k {p['knn_k']} "
-            f"--out {folder / 'result.json'}")
+    return ToolCall("bench/random_init_probe.py", ["--data", data_dir(ctx) / "classification", "--archs", *_random_archs(ctx),
+                                                   "--image-size", p["crop"], "--seeds", p["seed"], "--k", p["knn_k"],
+                                                   "--out", folder / "result.json"])
 
 
-def _eval_command(checkpoint_of, which_list):
-    def command(ctx: Context, folder: Path) -> str:
-        p, ckpt, data = ctx.preset, checkpoint_of(ctx), data_dir(ctx) / "classification"
-        parts = []
-        for which in which_list:
-            parts.append(
-                f"python tools/linear_eval.py {ckpt} --data {data} --features {which} "
-                f"--batch-size 64 --image-size {p['crop']} --seed {p['seed']}"
-            )
-            parts.append(f"python tools/knn_eval.py {ckpt} --data {data} --features {which} --k {p['knn_k']} --image-size {p['crop']}")
-        return " && ".join(parts)
-
-    return command
+def _eval_random(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    """The same evaluation of randomly initialised teacher and student networks, keyed by architecture."""
+    rows = _run_for_json(call, folder)["rows"]
+    results = {row["arch"]: {"features": "backbone", **{k: v for k, v in row.items() if k not in ("arch", "seed")}}
+               for row in rows}
+    save_json({arch: r.pop("per_image") for arch, r in results.items()}, folder / PER_IMAGE)
+    return results
 
 
 # The 10%-label fine-tune, sized for a few dozen labelled images of 48 px on a CPU:
@@ -348,86 +366,70 @@ SEMISUP_RECIPE = dict(batch_size=16, lr_backbone=1e-4, lr_classifier=1e-3, sched
                       optimizer_name="adamw")
 
 
-def _semisup_stage(checkpoint_of):
-    """The network fine-tuned whole on 10% of the classification labels (SEED's and DisCo's semi-supervised protocol)."""
+def _semisup_call(checkpoint_of):
+    """tools/semisup_eval.py: the network fine-tuned whole on 10% of the labels (SEED's and DisCo's semi-supervised protocol)."""
 
-    def run(ctx: Context, folder: Path) -> Dict:
-        from distill.semisup import finetune_semisup
-
-        p = ctx.preset
-        result = finetune_semisup(
-            checkpoint_of(ctx), data_dir(ctx) / "classification", label_fraction=0.1, labels_out=folder / "labels_10pct.txt",
-            epochs=p["semisup_epochs"], image_size=p["crop"], workers=p["workers"], seed=p["seed"], **SEMISUP_RECIPE,
-        )
-        save_json({"backbone": {"semisup": result["val_correct"]}}, folder / PER_IMAGE)
-        return {"label_fraction": 0.1, "labelled": result["labelled"]["count"], "epochs": p["semisup_epochs"],
-                "top1": result["top1"], "top5": result["top5"], "head_probe": result["head_probe"],
-                **{k: v for k, v in SEMISUP_RECIPE.items()}}
-
-    return run
-
-
-def _semisup_command(checkpoint_of):
-    def command(ctx: Context, folder: Path) -> str:
+    def call(ctx: Context, folder: Path) -> ToolCall:
         p, r = ctx.preset, SEMISUP_RECIPE
-        return (f"python tools/semisup_eval.py {checkpoint_of(ctx)} --data {data_dir(ctx) / 'classification'} "
-                f"--label-fraction 0.1 --epochs {p['semisup_epochs']} --batch-size {r['batch_size']} "
-                f"--lr-backbone {r['lr_backbone']} --lr-classifier {r['lr_classifier']} --schedule {r['schedule']} "
-                f"--head-init {r['head_init']} --bn {r['bn']} --optimizer {r['optimizer_name']} --image-size {p['crop']} "
-                f"--workers {p['workers']} --seed {p['seed']} --out {folder / 'result.json'}")
+        return ToolCall("tools/semisup_eval.py", [
+            checkpoint_of(ctx), "--data", data_dir(ctx) / "classification", "--label-fraction", 0.1,
+            "--epochs", p["semisup_epochs"], "--batch-size", r["batch_size"], "--lr-backbone", r["lr_backbone"],
+            "--lr-classifier", r["lr_classifier"], "--schedule", r["schedule"], "--head-init", r["head_init"],
+            "--bn", r["bn"], "--optimizer", r["optimizer_name"], "--image-size", p["crop"], "--workers", p["workers"],
+            "--seed", p["seed"], "--out", folder / "result.json"])
 
-    return command
+    return call
 
 
-def _cli(tool: str, config: str, overrides: List[str]) -> str:
-    return " ".join([f"python tools/{tool}", "--config", config, *overrides])
+def _semisup(ctx: Context, folder: Path, call: ToolCall) -> Dict:
+    """The tool's fine-tune; each validation image's correctness goes beside the record."""
+    result = _run_for_json(call, folder)
+    finetune, labelled = result["finetune"], result["labelled"]
+    save_json({"backbone": {"semisup": finetune["val_correct"]}}, folder / PER_IMAGE)
+    recipe = {key: finetune[key] for key in ("batch_size", "lr_backbone", "lr_classifier", "schedule", "head_init", "bn")}
+    return {"label_fraction": labelled["requested_fraction"], "labelled": labelled["count"], "epochs": finetune["epochs"],
+            "top1": result["metrics"]["top1"], "top5": result["metrics"]["top5"], "head_probe": finetune["head_probe"],
+            "optimizer_name": finetune["optimizer"], **recipe}
+
+
+def _config_call(script: str, config: str, overrides: List[str], note: str = "") -> ToolCall:
+    """A tool that takes ``--config`` and ``key=value`` overrides (distill, pretrain_teacher, cache_teacher)."""
+    return ToolCall(script, ["--config", config, *overrides], note)
 
 
 def _teacher_stage(p: Dict) -> Stage:
     if p["teacher_recipe"] == "user":
-        return Stage("teacher", _given_teacher, lambda ctx, f: f"(given with --teacher) {p['teacher_path']}",
+        return Stage("teacher", lambda ctx, f: f"(given with --teacher) {p['teacher_path']}", _given_teacher,
                      title=f"the user's {p['teacher_arch']} teacher, {p['teacher_path']}")
     if p["teacher_recipe"] not in TEACHER_CONFIGS:
         raise SettingsError(f"teacher_recipe {p['teacher_recipe']!r}: choose one of {', '.join(TEACHER_CONFIGS)}")
     words = {"supcon": "SupCon (with labels)", "moco_v2": "MoCo v2 (self-supervised)"}[p["teacher_recipe"]]
-    return Stage("teacher", _teacher, _teacher_command, deps=("data",), title=f"{words} pretraining of a {p['teacher_arch']} teacher")
+    return Stage("teacher", _teacher_call, _teacher, deps=("data",), title=f"{words} pretraining of a {p['teacher_arch']} teacher")
 
 
 def upstream_stages(preset: Dict) -> List[Stage]:
     """Stages from data to evaluated students, in order."""
     p = preset
-    stages = [
-        Stage("data", _data,
-              lambda ctx, f: f"python tools/make_shapes.py --out {data_dir(ctx)} --num-images {p['num_images']} --size {p['image_side']} --seed {p['seed']}",
-              title="generate the shapes data set"),
-        _teacher_stage(p),
-    ]
-    stages.append(Stage(TEACHER_CACHE, _teacher_cache, _teacher_cache_command, deps=("data", "teacher"),
+    stages = [Stage("data", _data_call, _data, title="generate the shapes data set"), _teacher_stage(p)]
+    stages.append(Stage(TEACHER_CACHE, _teacher_cache_call, _teacher_cache, deps=("data", "teacher"),
                         title="the teacher's embeddings of every view, once for seed, disco and retro"))
     for method in METHODS:
         deps = ("data",) if method == "moco_v2" else ("data", "teacher", TEACHER_CACHE)
-        stages.append(
-            Stage(f"distill_{method}", _distill(method),
-                  lambda ctx, f, m=method: _cli("distill.py", _distill_config(m), _distill_overrides(ctx, f, m)),
-                  deps=deps, title=f"distil EfficientNet-B0 with {method}")
-        )
-    stages.append(Stage("eval_random", _eval_random, _eval_random_command, deps=("data",),
+        stages.append(Stage(f"distill_{method}", _distill_call(method), _distill, deps=deps,
+                            title=f"distil EfficientNet-B0 with {method}"))
+    stages.append(Stage("eval_random", _eval_random_call, _eval_random, deps=("data",),
                         title="linear probe and k-NN: randomly initialised teacher and student networks"))
-    stages.append(Stage("eval_teacher", _eval_stage("teacher", teacher_file, ["backbone"]),
-                        _eval_command(teacher_file, ["backbone"]), deps=("data", "teacher"), title="linear probe and k-NN: teacher"))
+    stages.append(Stage("eval_teacher", _eval_calls(teacher_file, ["backbone"]), _evaluate, deps=("data", "teacher"),
+                        title="linear probe and k-NN: teacher"))
     if p.get("semisup_epochs"):
-        stages.append(Stage("semisup_teacher", _semisup_stage(teacher_file), _semisup_command(teacher_file),
-                            deps=("data", "teacher"), title="fine-tuning on 10% of the labels: teacher"))
+        stages.append(Stage("semisup_teacher", _semisup_call(teacher_file), _semisup, deps=("data", "teacher"),
+                            title="fine-tuning on 10% of the labels: teacher"))
     for method in METHODS:
         which = ["backbone", "adapter"] if method == "retro" else ["backbone"]
         checkpoint = lambda ctx, m=method: student_file(ctx, m)  # noqa: E731
-        stages.append(
-            Stage(f"eval_{method}", _eval_stage(method, checkpoint, which), _eval_command(checkpoint, which),
-                  deps=("data", f"distill_{method}"), title=f"linear probe and k-NN: {method} student")
-        )
+        stages.append(Stage(f"eval_{method}", _eval_calls(checkpoint, which), _evaluate,
+                            deps=("data", f"distill_{method}"), title=f"linear probe and k-NN: {method} student"))
         if p.get("semisup_epochs"):
-            stages.append(
-                Stage(f"semisup_{method}", _semisup_stage(checkpoint), _semisup_command(checkpoint),
-                      deps=("data", f"distill_{method}"), title=f"fine-tuning on 10% of the labels: {method} student")
-            )
+            stages.append(Stage(f"semisup_{method}", _semisup_call(checkpoint), _semisup,
+                                deps=("data", f"distill_{method}"), title=f"fine-tuning on 10% of the labels: {method} student"))
     return stages
