@@ -11,14 +11,12 @@ config's detector. The metrics are printed as one JSON line, and written to
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -40,23 +38,11 @@ def build_parser() -> OneLineErrorParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.safe_io import CheckpointError, save_atomic
     from retro_transfer.compat.detection_ops import CompiledOpMissing
     from retro_transfer.mmdet import launch
+    from retro_transfer.mmseg.launch import evaluate
 
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing) as e:
-        fail(str(e))
-    line = json.dumps(metrics, sort_keys=True, default=float)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(line + "\n", args.out, dump=lambda text, f: f.write(text.encode()))
-    return 0
+    return evaluate(args, launch, errors=(CompiledOpMissing,))
 
 
 if __name__ == "__main__":

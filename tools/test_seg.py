@@ -14,14 +14,12 @@ in those formats, is read as data only: a Python tag in it is refused.
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from mmengine.config import DictAction
 
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -45,22 +43,9 @@ def build_parser() -> OneLineErrorParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.mmseg import launch
 
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    line = json.dumps(metrics, sort_keys=True, default=float)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    return 0
+    return launch.evaluate(args, launch)
 
 
 if __name__ == "__main__":
