@@ -34,9 +34,9 @@ from retro_transfer.utils.run_lock import LOCK_FILE
 from . import distributed as dist_utils
 from .config import TEACHER_CACHE_MANIFEST, Config, ConfigError
 from .data import StepBatchSampler, step_loader
-from .engine import autocast, resolve_precision, training_dataset, training_images
 from .methods import METHODS
 from .methods.base import embed_views
+from .precision import autocast, resolve_precision
 from .teacher_cache import (
     DTYPES,
     ROWS,
@@ -49,6 +49,7 @@ from .teacher_cache import (
     shard_record,
     shard_steps,
 )
+from .training_data import training_dataset, training_images
 
 _RECORD_SUFFIX = ".json"
 

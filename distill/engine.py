@@ -14,9 +14,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,21 +30,13 @@ from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
 from .checkpoint import build_checkpoint, check_model_keys, check_resumable, restore_rng, rng_state
-from .config import Config, ConfigError, check_adapter_widths, check_queue_against_data, dump_yaml
-from .data import (
-    MultiViewImages,
-    StepBatchSampler,
-    check_batch_fits,
-    decode_all,
-    folder_labels,
-    list_images,
-    moco_v2_augmentation,
-    step_loader,
-    unreadable_images,
-)
+from .config import Config, ConfigError, check_adapter_widths, dump_yaml
+from .data import StepBatchSampler, step_loader
 from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor
+from .precision import autocast, resolve_precision
 from .teacher_cache import TeacherCache
+from .training_data import training_dataset, training_images
 
 LAST = "checkpoint_last.pth"
 # What a run writes into output_dir (tools/pretrain_teacher.py adds checkpoint_last.pth.tar).
@@ -113,21 +104,6 @@ def lr_factor(step: int, max_steps: int, warmup_steps: int, schedule: str) -> fl
         return 1.0
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for full precision. ``auto``: bf16 on a capable GPU."""
-    if precision == "auto":
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if use_bf16 else None
-    if precision in ("bf16", "fp16") and device.type != "cuda":
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on the CPU")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device_type: str, autocast_dtype: Optional[torch.dtype]):
-    """Autocast to ``autocast_dtype``, or nothing for full precision."""
-    return torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
 
 
 def forward_losses(
@@ -251,63 +227,6 @@ def _loads(path: Path) -> Optional[Dict]:
         return safe_load(path)
     except CheckpointError:
         return None
-
-
-def training_images(cfg: Config, views: int) -> List[Path]:
-    """The training image files, checked before anything is written: headers, one batch, the queue."""
-    files = list_images(cfg.data.train_dir)
-    bad = _unreadable_images_in_all_processes(files)
-    if bad and not cfg.data.skip_bad_images:
-        shown = ", ".join(str(path) for path, _ in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise ConfigError(
-            f"{len(bad)} of {len(files)} files in data.train_dir are not readable images: {shown} "
-            f"(first: {bad[0][1]}); delete or replace them, or set data.skip_bad_images=true to train without them"
-        )
-    main = dist_utils.is_main_process()
-    if bad:
-        skipped = {path for path, _ in bad}
-        files = [path for path in files if path not in skipped]
-        if main:
-            total = len(files) + len(bad)
-            print(f"data.skip_bad_images=true: skipped {len(bad)} unreadable image file(s) of {total}, e.g. {bad[0][0]}")
-    check_batch_fits(len(files), cfg.train.batch_size, dist_utils.world_size())
-    if METHODS[cfg.method].needs_labels:
-        _, classes = folder_labels(cfg.data.train_dir, files)  # refused here, before anything is written
-        if main:
-            print(f"{cfg.method} trains on labels: {len(classes)} classes from the class folders of {cfg.data.train_dir}")
-    warning = check_queue_against_data(cfg, len(files), views)
-    if warning and main:
-        print(warning)
-    return files
-
-
-def _unreadable_images_in_all_processes(files: List[Path]) -> List[Tuple[Path, str]]:
-    """:func:`unreadable_images` of ``files``: each process checks its share and all get the whole answer.
-
-    A header takes a fraction of a millisecond to read: minutes for ImageNet's 1.28 M files in one process.
-    """
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    bad = unreadable_images(files[rank::world])
-    if world == 1:
-        return bad
-    shares = [None] * world
-    torch.distributed.all_gather_object(shares, bad)
-    return sorted(found for share in shares for found in share)
-
-
-def training_dataset(cfg: Config, files: List[Path], views: int) -> MultiViewImages:
-    """The run's augmented views of ``files``: decoded once in memory when the set is small enough, else read per sample."""
-    decoded = decode_all(files, cfg.data.in_memory_mb)
-    if dist_utils.is_main_process():
-        where = (
-            f"decoded once, {sum(t.numel() for t in decoded) / 2**20:.0f} MiB in memory"
-            if decoded is not None
-            else f"read from disk per sample (more than data.in_memory_mb={cfg.data.in_memory_mb} MiB decoded)"
-        )
-        print(f"data: {len(files)} images in {cfg.data.train_dir}, {where}", flush=True)
-    augmentation = moco_v2_augmentation(cfg.data.image_size, cfg.data.crop_min_scale)
-    labels = folder_labels(cfg.data.train_dir, files)[0] if METHODS[cfg.method].needs_labels else None
-    return MultiViewImages(files, augmentation, views, cfg.seed, decoded, labels)
 
 
 def prepare_output_dir(out: Path, overwrite: bool, step: int) -> None:

@@ -146,6 +146,24 @@ def add_evaluation_inputs(parser: argparse.ArgumentParser, features: bool = True
     parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
 
 
+def add_runner_test_arguments(parser: argparse.ArgumentParser, checkpoint_help: str, cfg_option_example: str) -> None:
+    """The arguments after CONFIG that tools/test_seg.py and tools/test_det.py share.
+
+    They are what :func:`retro_transfer.mmseg.launch.evaluate` reads, in
+    either toolbox; each tool adds its CONFIG (its configs folder) first.
+    """
+    from mmengine.config import DictAction  # only the OpenMMLab tools pay for MMEngine
+
+    parser.add_argument("checkpoint", help=checkpoint_help)
+    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
+    parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")
+    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                        help=f"override config entries, e.g. {cfg_option_example}")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def _named(name: str, kind: str) -> Path:
     """``configs/<kind>/<name>``, with the kind's suffix added when ``name`` lacks it."""
     suffix = CONFIG_KINDS[kind]

@@ -472,6 +472,11 @@ def test_runner_trains_evaluates_and_resumes_with_weights_only(students, shapes_
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["mIoU"] <= 100 and json.loads(out.strip().splitlines()[-1]) == metrics
+    # --out inside a file (not a folder) cannot be written: one line naming it, and the metrics file unharmed.
+    unwritable = tmp_path / "metrics.json" / "again.json"
+    code, _, err = run_tool(test_tool, [config, work / "iter_14.pth", "--work-dir", work, "--out", unwritable], capsys)
+    assert code == 2 and str(unwritable) in err and len(err.strip().splitlines()) == 1, err
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
     code, out, err = run_tool(train_tool, [config, "--work-dir", work, "--eval-only"], capsys)
     assert code == 0, err

@@ -10,15 +10,9 @@ config's detector. The metrics are printed as one JSON line, and written to
 ``--out`` when given.
 """
 
-import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from mmengine.config import DictAction
-
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, add_runner_test_arguments, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -27,36 +21,17 @@ def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=config_file("mmdet"),
                         help="the config the checkpoint was trained with (a path or a name in configs/mmdet/)")
-    parser.add_argument("checkpoint", help="a Runner checkpoint (epoch_N.pth / iter_N.pth)")
-    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
-    parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")
-    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config entries, e.g. test_dataloader.batch_size=1")
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_runner_test_arguments(parser, "a Runner checkpoint (epoch_N.pth / iter_N.pth)", "test_dataloader.batch_size=1")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.safe_io import CheckpointError, save_atomic
     from retro_transfer.compat.detection_ops import CompiledOpMissing
     from retro_transfer.mmdet import launch
+    from retro_transfer.mmseg.launch import evaluate
 
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-    except (CheckpointError, FileNotFoundError, ValueError, CompiledOpMissing) as e:
-        fail(str(e))
-    line = json.dumps(metrics, sort_keys=True, default=float)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic(line + "\n", args.out, dump=lambda text, f: f.write(text.encode()))
-    return 0
+    return evaluate(args, launch, errors=(CompiledOpMissing,))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,9 @@ Python configs you trust. A .yaml/.yml/.json config, and every _base_ it names
 in those formats, is read as data only: a Python tag in it is refused.
 """
 
-import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from mmengine.config import DictAction
-
-from retro_transfer.cli import OneLineErrorParser, config_file, fail, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, add_runner_test_arguments, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -32,35 +26,15 @@ def build_parser() -> OneLineErrorParser:
                         help="the config the checkpoint was trained with (a path or a name in configs/segmentation/); "
                              "a .py config is Python code and is run as such (use only configs you trust); "
                              "a .yaml/.yml/.json one is read as data")
-    parser.add_argument("checkpoint", help="a Runner checkpoint (iter_N.pth)")
-    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
-    parser.add_argument("--work-dir", help="where the test log goes (default work_dirs/<config name>)")
-    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config entries, e.g. test_dataloader.dataset.data_root=DIR")
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_runner_test_arguments(parser, "a Runner checkpoint (iter_N.pth)", "test_dataloader.dataset.data_root=DIR")
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from retro_transfer.safe_io import CheckpointError
     from retro_transfer.mmseg import launch
 
-    try:
-        cfg = launch.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
-        metrics = launch.test(cfg, launch.resolve_checkpoint(cfg, args.checkpoint))
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    line = json.dumps(metrics, sort_keys=True, default=float)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
-    return 0
+    return launch.evaluate(args, launch)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""What ``tools/train_seg.py`` and ``tools/test_seg.py`` share: read a config, build MMEngine's Runner.
+"""What the OpenMMLab tools share: read a config, build MMEngine's Runner, run the tools' flows.
+
+``tools/train_seg.py``/``tools/test_seg.py`` use this module as their toolbox;
+``tools/train_det.py``/``tools/test_det.py`` use :mod:`retro_transfer.mmdet.launch`,
+with the same flows (:func:`train_or_evaluate`, :func:`evaluate`).
 
 The Runner does the work (training loop, validation, checkpoints, resume,
 distributed launch); this module only turns command-line choices into config
@@ -17,7 +21,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from retro_transfer.safe_io import CheckpointError, safe_load
+from retro_transfer.safe_io import CheckpointError, safe_load, save_atomic
 from retro_transfer.openmmlab_config import read_config
 from retro_transfer.openmmlab_files import AtomicLocalBackend  # noqa: F401  (checkpoints written atomically)
 from retro_transfer.utils.device import Workload, cpu_warning
@@ -281,8 +285,7 @@ def train_or_evaluate(args, toolbox, errors: Tuple[type, ...] = (), run_options:
     from retro_transfer.cli import fail, interrupted
     from retro_transfer.utils.run_lock import RunFolderError, run_folder_locked
 
-    if "LOCAL_RANK" not in os.environ:  # torch.distributed.launch passes --local_rank instead
-        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    _take_local_rank(args)
     if args.checkpoint and not args.eval_only:
         fail("--checkpoint is for --eval-only; to continue training from a checkpoint use --resume CHECKPOINT")
     if args.eval_only and (args.resume or args.amp):
@@ -304,8 +307,7 @@ def _train_or_evaluate(args, cfg: Config, toolbox, options: dict, workload_warni
     from retro_transfer.cli import fail
 
     if args.eval_only:
-        metrics = toolbox.test(cfg, toolbox.resolve_checkpoint(cfg, args.checkpoint), **options)
-        print(json.dumps(metrics, sort_keys=True, default=float))
+        report_metrics(toolbox.test(cfg, toolbox.resolve_checkpoint(cfg, args.checkpoint), **options))
         return 0
     if args.amp:
         if not torch.cuda.is_available():
@@ -321,3 +323,40 @@ def _train_or_evaluate(args, cfg: Config, toolbox, options: dict, workload_warni
         print(warning, flush=True)
     toolbox.train(cfg, **options)
     return 0
+
+
+def evaluate(args, toolbox, errors: Tuple[type, ...] = ()) -> int:
+    """What tools/test_seg.py and tools/test_det.py do with their arguments, in either toolbox.
+
+    ``toolbox`` is this module or :mod:`retro_transfer.mmdet.launch`. The
+    config is read and ``args.checkpoint`` evaluated on its test set; the
+    metrics are printed as one JSON line, and written to ``args.out`` when
+    given. A refusal (``errors`` adds the toolbox's own) is one line.
+    """
+    from retro_transfer.cli import fail
+
+    _take_local_rank(args)
+    try:
+        cfg = toolbox.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
+        report_metrics(toolbox.test(cfg, toolbox.resolve_checkpoint(cfg, args.checkpoint)), args.out)
+    except (CheckpointError, FileNotFoundError, ValueError, *errors) as e:
+        fail(str(e))
+    return 0
+
+
+def _take_local_rank(args) -> None:
+    """``LOCAL_RANK`` from ``--local_rank`` when the launcher did not set it (torch.distributed.launch passes the flag)."""
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+
+
+def report_metrics(metrics: Mapping, out: Optional[Path] = None) -> None:
+    """Print an evaluation's metrics as one JSON line; also write that line to ``out`` (atomically) when given.
+
+    The line is what a script (the pipeline, CI) parses, so every tool that
+    evaluates prints the same one. A failed write is a ``CheckpointError``.
+    """
+    line = json.dumps(metrics, sort_keys=True, default=float)
+    print(line)
+    if out:
+        save_atomic(line + "\n", out, dump=lambda text, f: f.write(text.encode()))
