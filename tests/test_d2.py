@@ -259,6 +259,20 @@ def test_norm_choices_keep_the_function_and_gn_builds(students):
     assert gn(x)["res5"].shape[1] == 960
 
 
+@pytest.mark.exact
+def test_a_seeded_backbone_is_the_same_whether_or_not_it_is_the_first_in_the_process():
+    """The first TimmBackbone of an architecture probes timm for its feature levels (then cached); that probe
+    must not draw from the random state the real weights are drawn from, or a seeded run's initial weights
+    would depend on what the process built before (the pipeline's first Detectron2 stage differed from its
+    command). Same operations on the same shapes in one process: equal bit for bit."""
+    feature_levels.cache_clear()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        weights.append(TimmBackbone("resnet18", LEVELS, norm="BN").body.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize(
     "arch, frozen, trainable",
     [

@@ -45,7 +45,10 @@ def feature_levels(arch: str) -> Dict[str, Level]:
             f"unknown timm architecture {arch!r} (MODEL.TIMM.ARCH); timm has e.g. {', '.join(close) or 'none alike'}"
         )
     try:
-        probe = timm.create_model(arch, pretrained=False, features_only=True)
+        # Built on a copy of the random state: the probe's initialisation must not move the draws that
+        # initialise the real model, or the first model built in a process would differ from the next ones.
+        with torch.random.fork_rng(devices=[]):
+            probe = timm.create_model(arch, pretrained=False, features_only=True)
     except RuntimeError as e:  # timm's words for "this model has no features_only mode"
         raise ConfigError(f"timm model {arch!r} cannot be a multi-scale backbone: {e}") from e
     info = probe.feature_info

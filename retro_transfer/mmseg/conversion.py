@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Dict, Tuple
 
 import timm
+import torch
 
 from retro_transfer.convert import BackboneSource, ConversionError, check_complete
 
@@ -33,7 +34,8 @@ def _architecture_head(source: BackboneSource, unmapped) -> Dict[str, int]:
     (``conv_head``); for other timm models it is e.g. ConvNeXt's ``head.norm``.
     They are dropped on purpose and reported; any other unmapped key is an error.
     """
-    full = timm.create_model(source.arch, pretrained=False, num_classes=0, global_pool="").state_dict()
+    with torch.random.fork_rng(devices=[]):  # a converter leaves the caller's random draws as they were
+        full = timm.create_model(source.arch, pretrained=False, num_classes=0, global_pool="").state_dict()
     return dict(Counter(k.split(".", 1)[0] for k in unmapped if k in full and full[k].shape == source.state[k].shape))
 
 
