@@ -30,7 +30,7 @@ from retro_transfer.utils.progress import progress_bar
 
 from . import distributed as dist_utils
 from .checkpoint import build_checkpoint, check_model_keys, check_resumable, restore_rng, rng_state
-from .config import Config, ConfigError, check_adapter_widths, dump_yaml
+from .config import Config, ConfigError, dump_yaml
 from .data import StepBatchSampler, step_loader
 from .methods import METHODS, DistillMethod
 from .monitor import KnnMonitor

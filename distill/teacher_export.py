@@ -8,7 +8,6 @@ one downloaded from the MoCo release go through the very same loader.
 
 from typing import Dict
 
-import torch
 
 from .common import TEACHER_ARCHS
 

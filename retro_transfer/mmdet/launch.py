@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import os.path as osp
-from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from mmengine.config import Config
