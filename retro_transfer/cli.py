@@ -126,6 +126,51 @@ def fail_on_checkpoint(checkpoint: str, message: str) -> NoReturn:
     fail(message if str(checkpoint) in message else f"cannot use checkpoint {checkpoint}: {message}")
 
 
+def open_frozen_evaluation(args: argparse.Namespace):
+    """What tools/linear_eval.py and tools/knn_eval.py do before their protocol: check and load, in one-line errors.
+
+    Resolves the device, checks the ImageFolder and ``--out``, loads the frozen
+    encoder of ``--features`` and says what it is. Returns ``(ev, device,
+    classes, encoder, info)``, ``ev`` being :mod:`distill.evaluation` (imported
+    here, after the arguments were checked: torch takes seconds to import).
+    """
+    import distill.evaluation as ev
+    from distill.checkpoint import load_encoder
+    from retro_transfer.safe_io import CheckpointError
+
+    try:
+        device = ev.resolve_device(args.device)
+        classes = ev.check_image_folder(args.data)
+        if args.out:
+            ev.check_output_path(args.out)
+    except ValueError as err:  # DataError included: a missing or empty folder
+        fail(str(err))
+    check_checkpoint_file(args.checkpoint)
+    try:
+        encoder, info = load_encoder(args.checkpoint, which=args.features)
+    except CheckpointError as err:  # the library's word for our flag
+        fail_on_checkpoint(args.checkpoint, str(err).replace("which='backbone'", "--features backbone"))
+    print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
+    return ev, device, classes, encoder, info
+
+
+def evaluation_report(ev, args: argparse.Namespace, info, classes, seconds: float, protocol: str, **sections) -> dict:
+    """The JSON an evaluation tool writes: protocol, checkpoint and features, ``sections``, data, time, arguments."""
+    return {"protocol": protocol, "checkpoint": str(args.checkpoint), "features": ev.describe_features(info),
+            "info": dict(info), **sections,
+            "data": {"root": str(args.data), "num_classes": len(classes), "classes": classes},
+            "seconds": round(seconds, 2), "args": vars(args)}
+
+
+def write_evaluation(ev, args: argparse.Namespace, payload: dict) -> None:
+    """Write an evaluation tool's results to ``--out``, when given, or fail in one line."""
+    if args.out:
+        try:
+            print(f"results written to {ev.write_results(args.out, payload)}")
+        except (ValueError, OSError) as err:
+            fail(str(err))
+
+
 def add_evaluation_inputs(parser: argparse.ArgumentParser, features: bool = True) -> None:
     """The arguments the evaluation tools share: what to evaluate, on what data, how it is loaded.
 

@@ -20,12 +20,13 @@ import time
 from retro_transfer.cli import (
     OneLineErrorParser,
     add_evaluation_inputs,
-    check_checkpoint_file,
+    evaluation_report,
     fail,
-    fail_on_checkpoint,
     keep_tools_dir_off_path,
+    open_frozen_evaluation,
     positive_float,
     positive_int,
+    write_evaluation,
 )
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
@@ -48,19 +49,6 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--temperature must be at least {1.0 / 700.0:.4f} (exp(1/T) overflows below), got {args.temperature}")
 
 
-def _load(checkpoint: str, which: str):
-    """The frozen encoder and its info; checkpoint problems become one-line errors."""
-    from distill.checkpoint import load_encoder
-    from retro_transfer.safe_io import CheckpointError
-
-    check_checkpoint_file(checkpoint)
-    try:
-        return load_encoder(checkpoint, which=which)
-    except CheckpointError as err:
-        # the library's word for our flag
-        fail_on_checkpoint(checkpoint, str(err).replace("which='backbone'", "--features backbone"))
-
-
 def _features(ev, encoder, args, device):
     """Centre-crop features of both splits (train is the memory bank, val the queries)."""
     out = {}
@@ -77,34 +65,17 @@ def _report(ev, args, info, classes, metrics, k_used, num_train, num_val, second
         f"k-NN (k {k_used}{clipped}, T {args.temperature:g}): top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  "
         f"({num_val} val images, {len(classes)} classes; {seconds:.1f} s)"
     )
-    return {
-        "protocol": "weighted k-NN (InstDisc / MoCo monitor: cosine similarity, exp(sim/T) votes, centre crop)",
-        "checkpoint": str(args.checkpoint),
-        "features": ev.describe_features(info),
-        "info": dict(info),
-        "metrics": dict(metrics),
-        "knn": {"k": k_used, "temperature": args.temperature, "num_train": num_train, "num_val": num_val},
-        "data": {"root": str(args.data), "num_classes": len(classes), "classes": classes},
-        "seconds": round(seconds, 2),
-        "args": vars(args),
-    }
+    return evaluation_report(
+        ev, args, info, classes, seconds, "weighted k-NN (InstDisc / MoCo monitor: cosine similarity, exp(sim/T) votes, centre crop)",
+        metrics=dict(metrics), knn={"k": k_used, "temperature": args.temperature, "num_train": num_train, "num_val": num_val},
+    )
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_values(parser, args)
-    import distill.evaluation as ev  # after argument errors: importing torch takes seconds
-
-    try:
-        device = ev.resolve_device(args.device)
-        classes = ev.check_image_folder(args.data)
-        if args.out:
-            ev.check_output_path(args.out)
-    except ValueError as err:  # DataError included: a missing or empty folder
-        fail(str(err))
-    encoder, info = _load(args.checkpoint, args.features)
-    print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
+    ev, device, classes, encoder, info = open_frozen_evaluation(args)
     start = time.perf_counter()
     try:
         feats = _features(ev, encoder, args, device)
@@ -118,11 +89,7 @@ def main(argv=None) -> int:
     k_used = min(args.k, train_x.shape[0])
     payload = _report(ev, args, info, classes, metrics, k_used, train_x.shape[0], val_x.shape[0], time.perf_counter() - start)
     payload["knn"]["val_correct"] = (scores.argmax(dim=1).cpu() == val_y).int().tolist()  # for intervals over images
-    if args.out:
-        try:
-            print(f"results written to {ev.write_results(args.out, payload)}")
-        except (ValueError, OSError) as err:
-            fail(str(err))
+    write_evaluation(ev, args, payload)
     return 0
 
 

@@ -28,13 +28,14 @@ import time
 from retro_transfer.cli import (
     OneLineErrorParser,
     add_evaluation_inputs,
-    check_checkpoint_file,
+    evaluation_report,
     fail,
-    fail_on_checkpoint,
     keep_tools_dir_off_path,
     non_negative_float,
+    open_frozen_evaluation,
     positive_float,
     positive_int,
+    write_evaluation,
 )
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
@@ -83,19 +84,6 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--momentum must be below 1, got {args.momentum}")
     if args.image_size < 8:
         parser.error(f"--image-size must be at least 8, got {args.image_size}")
-
-
-def _load(checkpoint: str, which: str):
-    """The frozen encoder and its info; checkpoint problems become one-line errors."""
-    from distill.checkpoint import load_encoder
-    from retro_transfer.safe_io import CheckpointError
-
-    check_checkpoint_file(checkpoint)
-    try:
-        return load_encoder(checkpoint, which=which)
-    except CheckpointError as err:
-        # the library's word for our flag
-        fail_on_checkpoint(checkpoint, str(err).replace("which='backbone'", "--features backbone"))
 
 
 def _loaders(ev, args, device):
@@ -153,46 +141,23 @@ def _report(ev, args, info, classes, result, seconds) -> dict:
         f"linear probe: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
         f"({result['num_val']} val images, {len(classes)} classes; {_summary(args, result)}; {seconds:.1f} s)"
     )
-    return {
-        "protocol": PROTOCOL_NAMES[args.protocol],
-        "checkpoint": str(args.checkpoint),
-        "features": ev.describe_features(info),
-        "info": dict(info),
-        "metrics": {"top1": result["top1"], "top5": result["top5"]},
-        "probe": {k: v for k, v in result.items() if k not in ("top1", "top5")},
-        "data": {"root": str(args.data), "num_classes": len(classes), "classes": classes},
-        "seconds": round(seconds, 2),
-        "args": vars(args),
-    }
+    return evaluation_report(ev, args, info, classes, seconds, PROTOCOL_NAMES[args.protocol],
+                             metrics={"top1": result["top1"], "top5": result["top5"]},
+                             probe={k: v for k, v in result.items() if k not in ("top1", "top5")})
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_values(parser, args)
-    import distill.evaluation as ev  # after argument errors: importing torch takes seconds
-
-    try:
-        device = ev.resolve_device(args.device)
-        classes = ev.check_image_folder(args.data)
-        if args.out:
-            ev.check_output_path(args.out)
-    except ValueError as err:  # DataError included: a missing or empty folder
-        fail(str(err))
-    encoder, info = _load(args.checkpoint, args.features)
-    print(f"features: {ev.describe_features(info)}, arch {info.get('arch', '?')}, from {args.checkpoint}")
+    ev, device, classes, encoder, info = open_frozen_evaluation(args)
     start = time.perf_counter()
     run = _run_standardised if args.protocol == "standardised" else _run_moco
     try:
         result = run(ev, encoder, args, device, len(classes))
     except (ValueError, ev.NonFiniteFeaturesError) as err:  # e.g. too few training images for the sweep; NaN features
         fail(str(err))
-    payload = _report(ev, args, info, classes, result, time.perf_counter() - start)
-    if args.out:
-        try:
-            print(f"results written to {ev.write_results(args.out, payload)}")
-        except (ValueError, OSError) as err:
-            fail(str(err))
+    write_evaluation(ev, args, _report(ev, args, info, classes, result, time.perf_counter() - start))
     return 0
 
 
