@@ -222,8 +222,7 @@ def _cache_overrides(ctx: Context) -> List[str]:
 
 
 def _teacher_cache_call(ctx: Context, folder: Path) -> ToolCall:
-    call = _config_call("tools/cache_teacher.py", _distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx))
-    return ToolCall(call.script, call.args + ("--out", str(folder)))
+    return _config_call("tools/cache_teacher.py", _distill_config(CACHE_CONFIG_METHOD), _cache_overrides(ctx), "--out", folder)
 
 
 def _teacher_cache(ctx: Context, folder: Path, call: ToolCall) -> Dict:
@@ -392,9 +391,9 @@ def _semisup(ctx: Context, folder: Path, call: ToolCall) -> Dict:
             "optimizer_name": finetune["optimizer"], **recipe}
 
 
-def _config_call(script: str, config: str, overrides: List[str], note: str = "") -> ToolCall:
-    """A tool that takes ``--config`` and ``key=value`` overrides (distill, pretrain_teacher, cache_teacher)."""
-    return ToolCall(script, ["--config", config, *overrides], note)
+def _config_call(script: str, config: str, overrides: List[str], *options, note: str = "") -> ToolCall:
+    """A tool that takes ``--config``, ``key=value`` overrides and ``options`` (distill, pretrain_teacher, cache_teacher)."""
+    return ToolCall(script, ["--config", config, *overrides, *options], note)
 
 
 def _teacher_stage(p: Dict) -> Stage:
