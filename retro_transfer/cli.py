@@ -191,6 +191,28 @@ def add_evaluation_inputs(parser: argparse.ArgumentParser, features: bool = True
     parser.add_argument("--workers", type=non_negative_int, default=4, help="data-loading processes (default %(default)s)")
 
 
+def add_runner_train_arguments(parser: argparse.ArgumentParser, cfg_option_example: str) -> None:
+    """The arguments after CONFIG that tools/train_seg.py and tools/train_det.py share.
+
+    They are what :func:`retro_transfer.mmseg.launch.train_or_evaluate` reads,
+    in either toolbox; each tool adds its CONFIG (its configs folder) first.
+    """
+    from mmengine.config import DictAction  # only the OpenMMLab tools pay for MMEngine
+
+    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
+    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="resume training: from the latest checkpoint in the work dir, or from CHECKPOINT")
+    parser.add_argument("--amp", action="store_true", help="mixed-precision training (needs a GPU)")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint on the test set, no training")
+    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: latest in the work dir)")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
+                        help=f"override config entries, e.g. {cfg_option_example}")
+    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
+                        help="job launcher for distributed training")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+
+
 def add_runner_test_arguments(parser: argparse.ArgumentParser, checkpoint_help: str, cfg_option_example: str) -> None:
     """The arguments after CONFIG that tools/test_seg.py and tools/test_det.py share.
 

@@ -19,12 +19,9 @@ GPUs: ``torchrun --nproc_per_node=N tools/train_det.py CONFIG --launcher pytorch
 (the student's BatchNorms become SyncBN then).
 """
 
-import argparse
 import sys
 
-from mmengine.config import DictAction
-
-from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, add_runner_train_arguments, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -33,18 +30,7 @@ def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=config_file("mmdet"),
                         help="an MMDetection config: a path, or a name in configs/mmdet/ (voc_faster_rcnn_effb0)")
-    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
-    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="resume training: from the latest checkpoint in the work dir, or from CHECKPOINT")
-    parser.add_argument("--amp", action="store_true", help="mixed-precision training (needs a GPU)")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint on the test set, no training")
-    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: latest in the work dir)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config entries, e.g. model.backbone.init_cfg.checkpoint=student_openmmlab.pth")
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
-                        help="job launcher for distributed training")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    add_runner_train_arguments(parser, "model.backbone.init_cfg.checkpoint=student_openmmlab.pth")
     return parser
 
 

@@ -24,12 +24,9 @@ Python configs you trust. A .yaml/.yml/.json config, and every _base_ it names
 in those formats, is read as data only: a Python tag in it is refused.
 """
 
-import argparse
 import sys
 
-from mmengine.config import DictAction
-
-from retro_transfer.cli import OneLineErrorParser, config_file, keep_tools_dir_off_path
+from retro_transfer.cli import OneLineErrorParser, add_runner_train_arguments, config_file, keep_tools_dir_off_path
 
 keep_tools_dir_off_path(__file__)  # tools/distill.py would shadow the distill package
 
@@ -40,20 +37,9 @@ def build_parser() -> OneLineErrorParser:
                         help="an MMSeg config: a path, or a name in configs/segmentation/ (voc_deeplabv3plus_effb0); "
                              "a .py config is Python code and is run as such (use only configs you trust); "
                              "a .yaml/.yml/.json one is read as data")
-    parser.add_argument("--data-root", help="the data folder for every data loader (replaces each dataset's data_root)")
-    parser.add_argument("--work-dir", help="where logs and checkpoints go (default work_dirs/<config name>)")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="resume training: from the latest checkpoint in the work dir, or from CHECKPOINT")
-    parser.add_argument("--amp", action="store_true", help="mixed-precision training (needs a GPU)")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate a checkpoint on the test set, no training")
-    parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint (default: latest in the work dir)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, metavar="KEY=VALUE",
-                        help="override config entries, e.g. model.backbone.init_cfg.checkpoint=student_mmseg.pth")
-    parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none",
-                        help="job launcher for distributed training")
+    add_runner_train_arguments(parser, "model.backbone.init_cfg.checkpoint=student_mmseg.pth")
     parser.add_argument("--verbose", action="store_true",
                         help="also print MMEngine's start-up report (environment, config, hooks) and library warnings")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
