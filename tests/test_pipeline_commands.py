@@ -54,3 +54,15 @@ def test_a_printed_value_with_spaces_or_nothing_stays_one_argument():
     assert call.args == ("MODEL.WEIGHTS", "", "SOLVER.STEPS", "(4,)", "OUTPUT_DIR", "/a b/c")
     assert shlex.split(call.shell(), comments=True) == ["python", "tools/train_net.py", *call.args]
     assert call.shell().endswith("  # a remark")
+
+
+def test_a_tool_runs_in_process_and_a_failure_it_returns_stops_its_stage(tmp_path, monkeypatch):
+    """What the tool prints goes to the stage's console.txt; a main that returns non-zero (without exiting)
+    must not let the stage go on as if it had worked. The tool under test is ToolCall, so the failing tool's
+    main is replaced by one that only returns 3."""
+    call = ToolCall("tools/make_shapes.py", ["--out", tmp_path / "shapes", "--num-images", "8", "--size", "32"])
+    assert call.main(tmp_path) == 0 and (tmp_path / "shapes" / "VOC2007").is_dir()
+    assert "shapes data set written" in (tmp_path / "console.txt").read_text()
+    monkeypatch.setattr(call.tool(), "main", lambda argv: 3)
+    with pytest.raises(SystemExit, match="exited with 3"):
+        call.main(tmp_path)

@@ -12,8 +12,8 @@ A stage's command is one value, a :class:`ToolCall` (or several, run one after
 another): the report prints it, and the stage runs it, in this process, through
 the tool's own argument parser (``ToolCall.parse``) or its ``main``
 (``ToolCall.main``). What the report says reproduces a number is therefore
-what made it (tests/test_pipeline_commands.py runs two of them in a fresh
-process and compares).
+what made it: tests/test_pipeline.py runs two recorded commands in a fresh
+process and compares, tests/test_pipeline_commands.py parses every stage's.
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ class ToolCall:
         printed = io.StringIO()
         try:
             with contextlib.redirect_stdout(printed):
-                return self.tool().main(list(self.args))
+                code = self.tool().main(list(self.args))
         finally:
             with open(folder / CONSOLE, "a") as console:
                 console.write(printed.getvalue())
+        if code:  # a tool that reports failure by its return value stops the pipeline as it would a shell's &&
+            raise SystemExit(f"{self.shell()} exited with {code}; its output is in {folder / CONSOLE}")
+        return code
 
 
 Calls = Union[ToolCall, Tuple[ToolCall, ...], str]
