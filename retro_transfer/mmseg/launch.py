@@ -304,11 +304,22 @@ def train_or_evaluate(args, toolbox, errors: Tuple[type, ...] = (), run_options:
 
 
 def _train_or_evaluate(args, cfg: Config, toolbox, options: dict, workload_warning) -> int:
-    from retro_transfer.cli import fail
-
     if args.eval_only:
         report_metrics(toolbox.test(cfg, toolbox.resolve_checkpoint(cfg, args.checkpoint), **options))
         return 0
+    prepare_training(args, cfg, toolbox)
+    warning = workload_warning(cfg) if workload_warning else None
+    if warning:
+        print(warning, flush=True)
+    toolbox.train(cfg, **options)
+    return 0
+
+
+def prepare_training(args, cfg: Config, toolbox) -> None:
+    """Apply a training tool's ``--amp`` and ``--resume`` to ``cfg``; a work dir that already holds a run
+    is refused unless resumed. Shared by the tools and the pipeline's in-process stages."""
+    from retro_transfer.cli import fail
+
     if args.amp:
         if not torch.cuda.is_available():
             fail("--amp needs a GPU")
@@ -318,11 +329,6 @@ def _train_or_evaluate(args, cfg: Config, toolbox, options: dict, workload_warni
         fail(f"work dir {cfg.work_dir} already holds a run (last_checkpoint); continue it with --resume, "
              "or give another --work-dir")
     toolbox.set_resume(cfg, args.resume)
-    warning = workload_warning(cfg) if workload_warning else None
-    if warning:
-        print(warning, flush=True)
-    toolbox.train(cfg, **options)
-    return 0
 
 
 def evaluate(args, toolbox, errors: Tuple[type, ...] = ()) -> int:

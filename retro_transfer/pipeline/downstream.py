@@ -327,12 +327,15 @@ def train_openmmlab(call: ToolCall, toolbox, metric_type: str):
 
     The config's validation metric becomes ``metric_type``, its subclass that
     also keeps each image's results (the same numbers); the run validates
-    once, at its last iteration, as the tool's does.
+    once, at its last iteration, as the tool's does. ``--amp`` and ``--resume``
+    are applied as the tool applies them (:func:`retro_transfer.mmseg.launch.prepare_training`).
     """
+    from retro_transfer.mmseg.launch import prepare_training
+
     args = call.parse()
     cfg = toolbox.load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
     cfg.val_evaluator.type = metric_type
-    toolbox.set_resume(cfg, args.resume)
+    prepare_training(args, cfg, toolbox)
     return toolbox.train(cfg)
 
 

@@ -18,7 +18,6 @@ from typing import Dict, List, Tuple
 import torch
 
 from distill.config import load_config
-from distill.evaluation import KNN_TEMPERATURE
 from retro_transfer.data.shapes import CLASSES, ShapesConfig
 
 from .runner import Context, Stage, ToolCall, read_json, save_json
@@ -258,8 +257,7 @@ def method_settings(cfg) -> Dict:
 EVAL_BATCH = 64
 
 
-def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int, batch_size: int = EVAL_BATCH,
-                    knn_temperature: float = KNN_TEMPERATURE) -> Dict:
+def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int) -> Dict:
     """k-NN and the standardised linear probe of a frozen encoder, both on centre-crop features computed once.
 
     The probe (:func:`distill.evaluation.linear_probe`) standardises features and
@@ -271,10 +269,10 @@ def evaluate_frozen(encoder, root: Path, image_size: int, k: int, seed: int, bat
     transform = eval_transform(image_size)
     train = image_folder(root, "train", transform)
     val = image_folder(root, "val", transform)
-    train_feats, train_labels = extract_features(encoder, make_loader(train, batch_size, shuffle=False))
-    val_feats, val_labels = extract_features(encoder, make_loader(val, batch_size, shuffle=False))
+    train_feats, train_labels = extract_features(encoder, make_loader(train, EVAL_BATCH, shuffle=False))
+    val_feats, val_labels = extract_features(encoder, make_loader(val, EVAL_BATCH, shuffle=False))
     k = min(k, len(train))
-    knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k, temperature=knn_temperature)
+    knn_scores = knn_classify(train_feats, train_labels, val_feats, len(train.classes), k=k)
     knn = topk_accuracy(knn_scores, val_labels)
     probe = linear_probe(train_feats, train_labels, val_feats, val_labels, len(train.classes), seed=seed)
     per_image = {"linear": probe["val_correct"], "knn": (knn_scores.argmax(dim=1) == val_labels).int().tolist()}
